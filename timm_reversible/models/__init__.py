@@ -1,0 +1,1 @@
+from .vit_small_cifar import *
