@@ -1,6 +1,6 @@
 """ Layers of the ViT for small datasets: Shifted Patch Tokenization and Locality Self-Attention.
 
-Lee, Lee, Song, "Vision Transformer for Small-Size Datasets", 2021 (arXiv 2112.13492).
+"Vision Transformer for Small-Size Datasets", 2021 (arXiv 2112.13492).
 The transformer block exposes its two residual branches, F (attention) and G (MLP), so that the
 reversible models can re-wire the same weights into invertible couplings.
 """

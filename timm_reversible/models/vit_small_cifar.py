@@ -1,6 +1,6 @@
 """ Vision Transformer for small datasets (SPT + LSA), as a timm model.
 
-Lee, Lee, Song, "Vision Transformer for Small-Size Datasets", 2021 (arXiv 2112.13492).
+"Vision Transformer for Small-Size Datasets", 2021 (arXiv 2112.13492).
 `vit_small_cifar`: dim 512, depth 6, 8 heads of 64, MLP 512, patch 4, 32x32, class token.
 
 `SmallDataVisionTransformer` is also the base of the reversible models: they share the stem, the
