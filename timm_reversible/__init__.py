@@ -3,8 +3,9 @@
 Importing the package registers its models with timm:
 
     import timm, timm_reversible
-    model = timm.create_model('vit_small_cifar')
+    model = timm.create_model('revvit_small_cifar')
 """
 from .models import *
+from .models import ReversibleVisionTransformer, reconstruction_error
 
 __version__ = '0.1.0'

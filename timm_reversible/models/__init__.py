@@ -1,1 +1,3 @@
 from .vit_small_cifar import *
+from .reversible_vit import ReversibleVisionTransformer, reconstruction_error
+from .revvit import *

@@ -1,0 +1,198 @@
+""" Base of the reversible ViTs: the stem, blocks, head and timm contract of `vit_small_cifar`, with the
+blocks chained as invertible steps that run on the reversible engine.
+
+A subclass says how the token embedding becomes the initial state (`initial_state`), which step
+each block becomes (`make_steps`), and how a state reads out as token features (`state_features`).
+"""
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from timm.models._manipulate import checkpoint
+
+from ..layers import Block
+from ..reversible import (
+    ReplayTape, ReversibleStep, State, Tape, plain_forward, reconstruct, reversible_forward, straight_through)
+from .vit_small_cifar import SmallDataVisionTransformer
+
+__all__ = [
+    'ReversibleVisionTransformer', 'GridRangeGuard', 'block_residual', 'block_residual_vjp', 'quantize',
+    'reconstruction_error',
+]
+
+FLOAT32_EXACT_INT = 2 ** 24  # integers up to this magnitude are exact in float32
+
+
+class ReversibleVisionTransformer(SmallDataVisionTransformer):
+    """ A ViT whose blocks are invertible steps; the backward reconstructs activations block by block.
+
+    `reversible=True` (default) uses the reversible backward whenever grad is enabled;
+    `set_reversible(False)` runs the same weights, same function, under ordinary autograd.
+    """
+
+    def __init__(self, *args, reversible: bool = True, **kwargs):
+        """
+        Args:
+            reversible: Use the reversible backward (activations reconstructed, not stored).
+            *args, **kwargs: As for SmallDataVisionTransformer.
+        """
+        super().__init__(*args, **kwargs)
+        self.reversible = reversible
+
+    @torch.jit.ignore
+    def set_reversible(self, enable: bool = True) -> None:
+        """ Switch between the reversible backward and ordinary autograd (same weights, same function). """
+        self.reversible = enable
+
+    def initial_state(self, x: torch.Tensor) -> State:
+        raise NotImplementedError
+
+    def make_steps(self, blocks: Sequence[Block]) -> List[ReversibleStep]:
+        raise NotImplementedError
+
+    def state_features(self, state: State) -> torch.Tensor:
+        raise NotImplementedError
+
+    def uses_reversible_backward(self) -> bool:
+        """ Eval and no-grad forwards take the plain path: nothing would be stored anyway. """
+        return self.reversible and torch.is_grad_enabled()
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.initial_state(x)
+        steps = self.make_steps(self.blocks)
+        if self.uses_reversible_backward():
+            state = reversible_forward(steps, state)
+        elif self.grad_checkpointing and torch.is_grad_enabled():
+            for step in steps:
+                state = checkpoint(_run_step, step, *state)
+        else:
+            state = plain_forward(steps, state)
+        self._check_steps(steps)
+        return self.state_features(state)
+
+    def block_outputs(self, x: torch.Tensor, num_blocks: int) -> Iterator[torch.Tensor]:
+        state = self.initial_state(x)
+        steps = self.make_steps(self.blocks[:num_blocks])
+        for step in steps:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                state = checkpoint(_run_step, step, *state)
+            else:
+                state = step.forward(state, Tape())
+            yield self.state_features(state)
+        self._check_steps(steps)
+
+    def _check_steps(self, steps: Sequence[ReversibleStep]) -> None:
+        """ Hook for range checks collected while the steps ran (one device sync per forward). """
+
+    @torch.no_grad()
+    def reconstruct_block_inputs(self, x: torch.Tensor) -> Tuple[List[State], List[State]]:
+        """ Each block's input state as the forward computed it and as the inverse reconstructs it. """
+        state = self.initial_state(self.embed(x))
+        steps = self.make_steps(self.blocks)
+        inputs, reconstructed = reconstruct(steps, state)
+        self._check_steps(steps)
+        return inputs, reconstructed
+
+
+def _run_step(step: ReversibleStep, *state: torch.Tensor) -> State:
+    return step.forward(state, Tape())
+
+
+@torch.no_grad()
+def reconstruction_error(model: nn.Module, x: torch.Tensor) -> float:
+    """ Largest absolute difference between the block inputs of a forward pass and those the inverse
+    reconstructs from the final state (0.0 for the exactly reversible models). Runs in the model's
+    current mode: in train mode with its dropout and random coefficients.
+    """
+    if not isinstance(model, ReversibleVisionTransformer):
+        raise TypeError(f'{type(model).__name__} has no reversible blocks to reconstruct.')
+    inputs, reconstructed = model.reconstruct_block_inputs(x)
+    error = 0.
+    for original, recovered in zip(inputs, reconstructed):
+        for a, b in zip(original, recovered):
+            error = max(error, (a.float() - b.float()).abs().max().item())
+    return error
+
+
+def quantize(x: torch.Tensor, level: int) -> torch.Tensor:
+    """ Q(x) = round(x * 2^level) / 2^level, with a straight-through (identity) gradient. """
+    scale = float(2 ** level)
+    return straight_through(x, lambda t: torch.round(t * scale).div_(scale))
+
+
+def block_residual(block: Block, dtype: Optional[torch.dtype] = None):
+    """ h(x) = F(x) + G(x + F(x)): a standard block's residual branch, evaluated in the blocks' dtype and
+    returned in float32 for a float32 residual stream.
+    """
+    def h(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype) if dtype is not None else x
+        f = block.attn_residual(x)
+        return (f + block.mlp_residual(x + f)).float()
+    return h
+
+
+def block_residual_vjp(
+        tape: ReplayTape,
+        name: str,
+        block: Block,
+        x: torch.Tensor,
+        grad_h: torch.Tensor,
+        split: bool = False,
+        dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ Recompute h(x) (as `block_residual`) with grad, backpropagate `grad_h`; returns (h, dh/dx^T grad_h).
+
+    The whole block's graph is alive at once unless `split`: then G's graph is built and freed first
+    (F evaluated without grad), and F is recomputed with grad afterwards. That holds at most the larger
+    half of a block at the price of one more evaluation of F.
+    """
+    if not split:
+        return tape.vjp(name, block_residual(block, dtype), x, grad_h)
+    x_in = x.detach().to(dtype) if dtype is not None else x.detach()
+    with tape.replay(name):
+        f = block.attn_residual(x_in)
+        u = (x_in + f).requires_grad_(True)
+        with torch.enable_grad():
+            g = block.mlp_residual(u)
+    torch.autograd.backward(g, grad_h.to(g.dtype))
+    h = (f + g.detach()).float()
+    grad_u = u.grad
+    del f, g, u
+    # F's output reaches h directly and through u = x + F(x)
+    _, grad_x = tape.vjp(name, block.attn_residual, x_in, grad_u + grad_h)
+    return h, grad_x.add_(grad_u).to(x.dtype)
+
+
+class GridRangeGuard:
+    """ Exactness on the 2^-level grid holds in float32 while |x| * 2^level < 2^24. The steps report the
+    largest magnitude of their outputs here; one check after the forward raises a clear error instead
+    of letting wrong gradients through.
+    """
+
+    def __init__(self, level: int, model_name: str):
+        self.level = level
+        self.limit = FLOAT32_EXACT_INT / 2 ** level
+        self.model_name = model_name
+        self.records: List[Tuple[int, torch.Tensor]] = []
+
+    def track(self, block_index: int, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            self.records.append((block_index, t.detach().abs().amax()))
+
+    def check(self) -> None:
+        if not self.records:
+            return
+        amax = torch.stack([m.float() for _, m in self.records])
+        bad = ~(amax < self.limit)  # NaN counts as out of range
+        records, self.records = self.records, []
+        if not bool(bad.any()):
+            return
+        first = int(bad.nonzero()[0, 0])
+        block = records[first][0]
+        raise FloatingPointError(
+            f'{self.model_name}: activations in block {block} reached |x| = {amax[first].item():.6g}, '
+            f'beyond the range where the quantized stream is exact in float32 (|x| * 2^quant_level < 2^24, '
+            f'here |x| < {self.limit:g} with quant_level={self.level}). The reversible backward would give '
+            f'wrong gradients. Lower `quant_level` (e.g. quant_level={self.level - 2}), or lower the learning '
+            f'rate / add gradient clipping if the activations diverged.')

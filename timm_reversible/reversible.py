@@ -1,0 +1,259 @@
+""" The reversible engine: a stack of invertible steps whose backward stores no per-step activations.
+
+The forward runs every step under no_grad and keeps only the final state and each step's side
+information (RNG snapshots, packed bits, signs). The backward walks the steps in reverse: each step
+reconstructs its input from its output while recomputing its residual functions with grad on that
+input, backpropagates the incoming gradient through them, and frees their graph before the next
+step, so at most one step's graph is alive at any moment.
+
+The engine knows nothing of any model. A step (a coupling or integrator) is an object with
+`forward(state, tape)`, `inverse(state, tape)` and `backward(state, grads, tape)`; it evaluates its
+residual functions through the tape (`tape.run`, `tape.vjp`), which replays randomness and autocast
+exactly, and keeps side information with `tape.save` / `tape.load`.
+
+A step's `backward` may update `state` and `grads` in place: they are buffers owned by the engine.
+"""
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    'Tape', 'ReplayTape', 'ReversibleStep', 'reversible_forward', 'plain_forward', 'reconstruct', 'State',
+    'pack_bits', 'unpack_bits', 'straight_through',
+]
+
+State = Tuple[torch.Tensor, ...]
+ResidualFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Tape:
+    """ A step's record of its forward pass. This base form serves ordinary autograd: functions run
+    directly and nothing is kept.
+    """
+    replaying = False
+
+    def run(self, name: str, fn: ResidualFn, x: torch.Tensor) -> torch.Tensor:
+        """ Evaluate a residual function; `name` identifies its randomness within the step. """
+        return fn(x)
+
+    def save(self, name: str, make_value: Callable[[], Any]) -> None:
+        """ Keep side information for the backward; `make_value` is called only where it is kept. """
+
+    def load(self, name: str) -> Any:
+        raise RuntimeError('side information is kept only by the reversible engine')
+
+
+class _AutocastState:
+    """ The autocast settings of the forward, to re-enter when recomputing. """
+
+    def __init__(self, device_type: str):
+        self.device_types = {device_type, 'cpu'}
+        self.settings = {
+            d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in self.device_types}
+        self.cache_enabled = torch.is_autocast_cache_enabled()
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for d, (enabled, dtype) in self.settings.items():
+                stack.enter_context(
+                    torch.autocast(d, dtype=dtype, enabled=enabled, cache_enabled=self.cache_enabled))
+            yield
+
+
+class _RngState:
+    """ Snapshot of the CPU generator and the state device's generator (as torch.utils.checkpoint does). """
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda_device = device if device.type == 'cuda' else None
+        self.cuda = torch.cuda.get_rng_state(device) if self.cuda_device is not None else None
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """ Set the snapshot for the duration of the block; the caller's streams are left untouched. """
+        devices = [self.cuda_device] if self.cuda_device is not None else []
+        with torch.random.fork_rng(devices=devices, device_type='cuda'):
+            torch.set_rng_state(self.cpu)
+            if self.cuda_device is not None:
+                torch.cuda.set_rng_state(self.cuda, self.cuda_device)
+            yield
+
+
+class ReplayTape(Tape):
+    """ The engine's tape: records RNG snapshots and side information in the forward, replays them after. """
+
+    def __init__(self, device: torch.device, autocast: _AutocastState):
+        self.device = device
+        self.autocast = autocast
+        self.rng: Dict[str, _RngState] = {}
+        self.side: Dict[str, Any] = {}
+
+    def run(self, name: str, fn: ResidualFn, x: torch.Tensor) -> torch.Tensor:
+        if not self.replaying:
+            self.rng[name] = _RngState(self.device)
+            return fn(x)
+        with self.replay(name):
+            return fn(x)
+
+    @contextlib.contextmanager
+    def replay(self, name: str) -> Iterator[None]:
+        """ Re-enter the forward's RNG state at `name` and its autocast settings. """
+        with self.rng[name].restored(), self.autocast.enter():
+            yield
+
+    def vjp(
+            self,
+            name: str,
+            fn: ResidualFn,
+            x: torch.Tensor,
+            grad_output: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ Recompute `fn(x)` with grad, backpropagate `grad_output` (parameter grads accumulate in
+        place) and free the graph. Returns the recomputed output, detached, and the gradient wrt x.
+        """
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad(), self.replay(name):
+            y = fn(x)
+        # outside autocast: the backward runs in the dtypes the forward recorded
+        torch.autograd.backward(y, grad_output.to(y.dtype))
+        return y.detach(), x.grad
+
+    def save(self, name: str, make_value: Callable[[], Any]) -> None:
+        if not self.replaying:
+            self.side[name] = make_value()
+
+    def load(self, name: str) -> Any:
+        return self.side[name]
+
+
+class ReversibleStep:
+    """ One invertible step of a reversible stack (a coupling or integrator); model-specific. """
+
+    def forward(self, state: State, tape: Tape) -> State:
+        """ The step; runs under no_grad in the engine and with grad for ordinary autograd. """
+        raise NotImplementedError
+
+    def inverse(self, state: State, tape: Tape) -> State:
+        """ The step's input from its output, under no_grad. """
+        raise NotImplementedError
+
+    def backward(self, state: State, grads: State, tape: ReplayTape) -> Tuple[State, State]:
+        """ (output, grad of output) -> (input, grad of input); reconstructs and backpropagates at once. """
+        raise NotImplementedError
+
+
+def _owned_grads(grads: Sequence[Optional[torch.Tensor]], state: State) -> List[torch.Tensor]:
+    """ Gradient buffers the steps may update in place: materialised, dense and unaliased. """
+    owned: List[torch.Tensor] = []
+    for g, s in zip(grads, state):
+        if g is None:
+            g = torch.zeros_like(s)
+        elif (g._base is not None or not g.is_contiguous() or g.dtype != s.dtype
+              or any(g.untyped_storage().data_ptr() == o.untyped_storage().data_ptr() for o in owned)):
+            g = g.to(dtype=s.dtype, memory_format=torch.contiguous_format, copy=True)
+        owned.append(g)
+    return owned
+
+
+class _ReversibleFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx: Any, steps: Sequence[ReversibleStep], tapes: List[ReplayTape], anchor: torch.Tensor,
+                *state: torch.Tensor) -> State:
+        for step, tape in zip(steps, tapes):
+            state = step.forward(state, tape)
+        ctx.steps, ctx.tapes = steps, tapes
+        ctx.save_for_backward(*state)
+        return tuple(state)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+        state = tuple(t.detach() for t in ctx.saved_tensors)
+        grads = tuple(_owned_grads(grads, state))
+        steps, tapes = ctx.steps, ctx.tapes
+        with torch.no_grad():
+            for i in reversed(range(len(steps))):
+                tape = tapes.pop()
+                tape.replaying = True
+                state, grads = steps[i].backward(state, grads, tape)
+        return (None, None, None) + tuple(grads)
+
+
+def _new_tapes(steps: Sequence[ReversibleStep], state: State) -> List[ReplayTape]:
+    autocast = _AutocastState(state[0].device.type)
+    return [ReplayTape(state[0].device, autocast) for _ in steps]
+
+
+def reversible_forward(steps: Sequence[ReversibleStep], state: State) -> State:
+    """ Run the steps, storing only the final state and side information for the backward.
+
+    Gradients of the steps' parameters are accumulated into `.grad` by the backward (as reentrant
+    checkpointing does), so use `loss.backward()`, not `torch.autograd.grad`, through this function.
+    """
+    # an input that requires grad keeps the function in the graph even when the state does not
+    anchor = torch.empty(0, requires_grad=True)
+    return _ReversibleFunction.apply(steps, _new_tapes(steps, state), anchor, *state)
+
+
+def plain_forward(steps: Sequence[ReversibleStep], state: State) -> State:
+    """ The same steps under ordinary autograd (activations stored as usual). """
+    tape = Tape()
+    for step in steps:
+        state = step.forward(state, tape)
+    return state
+
+
+@torch.no_grad()
+def reconstruct(steps: Sequence[ReversibleStep], state: State) -> Tuple[List[State], List[State]]:
+    """ The input state of every step as the forward computed it, and as the inverses reconstruct it. """
+    tapes = _new_tapes(steps, state)
+    inputs = []
+    for step, tape in zip(steps, tapes):
+        inputs.append(state)
+        state = step.forward(state, tape)
+    reconstructed = []
+    for step, tape in zip(reversed(steps), reversed(tapes)):
+        tape.replaying = True
+        state = step.inverse(state, tape)
+        reconstructed.append(state)
+    return inputs, reconstructed[::-1]
+
+
+def pack_bits(values: torch.Tensor, num_bits: int = 1) -> torch.Tensor:
+    """ Pack non-negative integers below 2**num_bits into bytes: num_bits bit-planes, 8 elements per byte. """
+    flat = values.reshape(-1).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
+    weights = (1 << torch.arange(8, device=values.device, dtype=torch.uint8))
+    planes = [((flat >> b) & 1).mul_(weights).sum(dim=1, dtype=torch.uint8) for b in range(num_bits)]
+    return torch.stack(planes)
+
+
+def unpack_bits(packed: torch.Tensor, shape: Sequence[int], num_bits: int = 1) -> torch.Tensor:
+    """ Inverse of `pack_bits`: the integers as uint8 in `shape`. """
+    numel = 1
+    for n in shape:
+        numel *= n
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    values = torch.zeros(packed.shape[1] * 8, device=packed.device, dtype=torch.uint8)
+    for b in range(num_bits):
+        values |= ((packed[b].unsqueeze(1) >> shifts) & 1).view(-1) << b
+    return values[:numel].view(*shape)
+
+
+class _StraightThrough(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], slope: float) -> torch.Tensor:
+        ctx.slope = slope
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
+        return (grad if ctx.slope == 1 else grad * ctx.slope), None, None
+
+
+def straight_through(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], slope: float = 1.) -> torch.Tensor:
+    """ `fn(x)` whose gradient is taken to be `slope` (a straight-through estimator, e.g. for rounding). """
+    return _StraightThrough.apply(x, fn, slope)
