@@ -1,0 +1,152 @@
+""" The Hub namespace and the clear error of `pretrained=True` before weights are published, offline.
+
+`FakeHub` replaces huggingface_hub's network boundary (its httpx client) with an in-process Hub that
+knows no repositories; the real huggingface_hub and timm code runs on top of it.
+"""
+import base64
+import json
+from typing import Dict, List
+
+import httpx2
+import huggingface_hub
+import pytest
+import timm
+import yaml
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.utils import _http
+
+from timm_reversible import _hub
+from timm_reversible._hub import HUB_NAMESPACE_ENV, PretrainedWeightsNotFoundError, hub_id, hub_namespace
+
+from conftest import SMALL, package_models
+
+MODELS = package_models()
+
+
+class FakeHub:
+    """ The Hub's HTTP API as far as publishing and downloading use it; records every request. """
+
+    def __init__(self):
+        self.requests: List[httpx2.Request] = []
+        self.created: List[Dict] = []
+        self.commits: List[Dict] = []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests.append(request)
+        path = request.url.path
+        if request.method == 'POST' and path == '/api/repos/create':
+            body = json.loads(request.content)
+            self.created.append(body)
+            repo_id = f"{body['organization']}/{body['name']}"
+            return httpx2.Response(200, json={'url': f'https://huggingface.co/{repo_id}', 'name': repo_id})
+        if request.method == 'POST' and path == '/api/validate-yaml':
+            content = json.loads(request.content)['content']
+            try:
+                yaml.safe_load(content.split('---')[1])
+            except yaml.YAMLError as e:
+                return httpx2.Response(400, json={'errors': [{'message': str(e)}]})
+            return httpx2.Response(200, json={'errors': [], 'warnings': []})
+        if request.method == 'POST' and '/preupload/' in path:
+            files = json.loads(request.content)['files']
+            return httpx2.Response(200, json={'files': [
+                {'path': f['path'], 'uploadMode': 'regular', 'shouldIgnore': False} for f in files]})
+        if request.method == 'POST' and '/commit/' in path:
+            lines = [json.loads(line) for line in request.content.decode().splitlines()]
+            repo_id = path.split('/api/models/')[1].split('/commit/')[0]
+            self.commits.append(dict(
+                repo_id=repo_id,
+                summary=lines[0]['value']['summary'],
+                files={l['value']['path']: base64.b64decode(l['value']['content']) for l in lines if l['key'] == 'file'}))
+            return httpx2.Response(200, json={
+                'commitUrl': f'https://huggingface.co/{repo_id}/commit/{"0" * 40}', 'commitOid': '0' * 40})
+        return httpx2.Response(404, headers={'X-Error-Code': 'RepoNotFound'}, json={'error': 'Repository not found'})
+
+    def urls(self) -> List[str]:
+        return [str(r.url) for r in self.requests]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """ huggingface_hub talks to a `FakeHub`: online mode, an empty cache, no network. """
+    hub = FakeHub()
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hub_cache'))
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(
+        transport=httpx2.MockTransport(hub), event_hooks={'request': [_http.hf_request_event_hook]},
+        follow_redirects=True))
+    yield hub
+    huggingface_hub.set_client_factory(_http.default_client_factory)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """ HF_HUB_OFFLINE=1 with an empty cache. """
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hub_cache'))
+
+
+def test_namespace_default_and_env_override(monkeypatch):
+    monkeypatch.delenv(HUB_NAMESPACE_ENV, raising=False)
+    assert hub_namespace() == _hub.DEFAULT_HUB_NAMESPACE == 'timm-reversible'
+    assert hub_id('vit_small_cifar.c10') == 'timm-reversible/vit_small_cifar.c10'
+    monkeypatch.setenv(HUB_NAMESPACE_ENV, 'someone')
+    assert hub_id('vit_small_cifar.c10') == 'someone/vit_small_cifar.c10'
+    with pytest.raises(ValueError):
+        hub_id('vit_small_cifar')
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_default_cfgs_are_tagged_hub_repos_under_the_namespace(name, monkeypatch):
+    monkeypatch.delenv(HUB_NAMESPACE_ENV, raising=False)
+    tags = timm.list_pretrained(f'{name}.*')
+    assert f'{name}.c10' in tags
+    for model_tag in tags:
+        cfg = timm.models.get_pretrained_cfg(model_tag)
+        assert cfg.hf_hub_id == hub_id(model_tag), model_tag
+    model = timm.create_model(name, **SMALL)
+    assert model.pretrained_cfg['hf_hub_id'] == hub_id(f'{name}.c10')
+    assert model.pretrained_cfg['hf_hub_filename'] == 'model.safetensors'
+
+
+def test_namespace_set_after_import_takes_effect_at_creation(monkeypatch):
+    monkeypatch.setenv(HUB_NAMESPACE_ENV, 'late-org')
+    model = timm.create_model('vit_small_cifar', **SMALL)
+    assert model.pretrained_cfg['hf_hub_id'] == 'late-org/vit_small_cifar.c10'
+    # an explicit hub id is left alone
+    model = timm.create_model('vit_small_cifar', pretrained_cfg_overlay=dict(hf_hub_id='x/y'), **SMALL)
+    assert model.pretrained_cfg['hf_hub_id'] == 'x/y'
+
+
+def _check_clear_error(error: PretrainedWeightsNotFoundError, repo: str, reason: str):
+    message = str(error)
+    assert f"'{repo}'" in message and f'https://huggingface.co/{repo}' in message
+    assert reason in message
+    assert 'scripts/train.py --model vit_small_cifar --dataset torch/cifar10' in message
+    assert f'scripts/publish.py output/vit_small_cifar.c10 --repo-id {repo}' in message
+    assert HUB_NAMESPACE_ENV in message
+    assert error.__cause__ is not None  # the Hub's own error stays attached
+
+
+def test_pretrained_offline_gives_clear_error(offline, monkeypatch):
+    monkeypatch.delenv(HUB_NAMESPACE_ENV, raising=False)
+    with pytest.raises(PretrainedWeightsNotFoundError) as info:
+        timm.create_model('vit_small_cifar', pretrained=True, **SMALL)
+    _check_clear_error(info.value, 'timm-reversible/vit_small_cifar.c10', 'offline mode')
+    assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
+
+
+def test_pretrained_unpublished_repo_gives_clear_error(fake_hub, monkeypatch):
+    monkeypatch.setenv(HUB_NAMESPACE_ENV, 'late-org')
+    with pytest.raises(PretrainedWeightsNotFoundError) as info:
+        timm.create_model('vit_small_cifar.c10', pretrained=True, **SMALL)
+    _check_clear_error(info.value, 'late-org/vit_small_cifar.c10', 'does not exist')
+    assert isinstance(info.value.__cause__, HfHubHTTPError)
+    # safetensors only: the pickle fallback is never asked for
+    downloads = [u for u in fake_hub.urls() if '/resolve/' in u]
+    assert downloads == ['https://huggingface.co/late-org/vit_small_cifar.c10/resolve/main/model.safetensors']
+
+
+def test_pretrained_false_never_touches_the_hub(fake_hub):
+    timm.create_model('vit_small_cifar', **SMALL)
+    assert not [u for u in fake_hub.urls() if 'vit_small_cifar' in u]
