@@ -1,6 +1,16 @@
-""" Measuring a model: parameters, FLOPs and activation memory per image (definitions in DESIGN.md). """
+""" Measuring a model: parameters, FLOPs, memory and speed of a training step (definitions in DESIGN.md).
+
+Memory figures are bytes of live tensors: CUDA's allocator statistics on CUDA, torch's MemTracker (exact
+tensor accounting, independent of machine load) on CPU. Timings are medians of repeated, device-synchronised
+runs with the warm-up excluded; models compared with each other are timed round-robin in one loop so that
+a change in machine load hits them all alike.
+"""
 import contextlib
-from typing import Callable, Optional, Sequence
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -8,7 +18,13 @@ import torch.nn.functional as F
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['count_params', 'count_flops', 'activation_memory_per_image', 'train_step']
+__all__ = [
+    'count_params', 'count_flops', 'activation_memory_per_image', 'train_step',
+    'MemoryFit', 'activation_memory_fit', 'training_state_bytes', 'input_bytes_per_image',
+    'predicted_peak_training_memory', 'peak_training_memory', 'max_batch_size', 'largest_batch_in_budget',
+    'default_optimizer', 'make_train_step_fn', 'make_inference_fn', 'alternating_timings',
+    'time_train_steps', 'time_inference', 'train_step_time_ratio', 'throughput',
+]
 
 
 def count_params(model: nn.Module) -> int:
@@ -95,3 +111,334 @@ def activation_memory_per_image(
             step_fn(model, images, targets, autocast_dtype)
         peak = tracker.get_tracker_snapshot('peak')[device]['Total']
     return (peak - before) / batch_size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: a linear model of the activation memory, the training state, the peak and the largest batch
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """ Activation memory of a training step as `fixed_bytes + per_image_bytes * batch_size`.
+
+    Fitted through two measured batch sizes: activations grow linearly with the batch, while a few
+    buffers (weight-gradient temporaries, the loss) do not, so a single batch would fold those into
+    the per-image figure and misjudge how large a batch fits.
+    """
+    per_image_bytes: float
+    fixed_bytes: float
+    measured: Dict[int, float] = field(default_factory=dict)  # batch size -> activation bytes (whole batch)
+
+    def activation_bytes(self, batch_size: int) -> float:
+        """ Peak minus baseline of one forward + backward at `batch_size`, in bytes. """
+        return self.fixed_bytes + self.per_image_bytes * batch_size
+
+    def per_image_at(self, batch_size: int) -> float:
+        """ DESIGN.md's activation memory per image at `batch_size` (the fixed part shared by the batch). """
+        return self.activation_bytes(batch_size) / batch_size
+
+
+def activation_memory_fit(
+        model: nn.Module,
+        batch_sizes: Sequence[int] = (4, 8),
+        input_size: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        step_fn: Callable[..., torch.Tensor] = train_step,
+) -> MemoryFit:
+    """ Per-image and fixed activation memory from `activation_memory_per_image` at two batch sizes. """
+    sizes = sorted(set(int(b) for b in batch_sizes))
+    if len(sizes) != 2 or sizes[0] <= 0:
+        raise ValueError(f'Need two different positive batch sizes, got {tuple(batch_sizes)}.')
+    b1, b2 = sizes
+    measured = {
+        b: activation_memory_per_image(model, b, input_size, autocast_dtype, step_fn) * b for b in (b1, b2)}
+    per_image = (measured[b2] - measured[b1]) / (b2 - b1)
+    return MemoryFit(per_image_bytes=per_image, fixed_bytes=measured[b1] - per_image * b1, measured=measured)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def training_state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+    """ Bytes a training step starts from: parameters, one gradient per trainable parameter, optimizer state.
+
+    Gradients are counted whether or not they exist right now (`zero_grad(set_to_none=True)` frees them
+    between steps, but every backward brings them back, so they are part of the peak). Optimizers create
+    their state lazily: call this after one optimizer step.
+    """
+    params = list({id(p): p for p in model.parameters()}.values())
+    total = sum(_tensor_bytes(p) for p in params)
+    total += sum(_tensor_bytes(p) for p in params if p.requires_grad)
+    if optimizer is not None:
+        seen = set()
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.data_ptr() not in seen:
+                    seen.add(value.data_ptr())
+                    total += _tensor_bytes(value)
+    return total
+
+
+def input_bytes_per_image(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
+    """ Bytes of one input image plus its integer target, in the model's parameter dtype. """
+    input_size = input_size or model.pretrained_cfg['input_size']
+    param = next(model.parameters())
+    return math.prod(input_size) * param.element_size() + torch.empty((), dtype=torch.long).element_size()
+
+
+def predicted_peak_training_memory(
+        fit: MemoryFit,
+        state_bytes: float,
+        batch_size: int,
+        input_bytes: float = 0,
+) -> float:
+    """ Peak bytes of a training step at `batch_size` from the fit: state + batch + activation peak.
+
+    The optimizer step's own temporaries are left out: they appear after the activations are freed and
+    stay below the activation peak at any batch worth training with.
+    """
+    return state_bytes + input_bytes * batch_size + fit.activation_bytes(batch_size)
+
+
+def max_batch_size(
+        fit: MemoryFit,
+        state_bytes: float,
+        budget_bytes: float,
+        input_bytes: float = 0,
+) -> int:
+    """ Largest batch whose predicted training peak stays within `budget_bytes` (0 if none does). """
+    per_image = fit.per_image_bytes + input_bytes
+    if per_image <= 0:
+        raise ValueError(f'Per-image memory must be positive, got {per_image} bytes.')
+    return max(0, math.floor((budget_bytes - state_bytes - fit.fixed_bytes) / per_image))
+
+
+def _batch(model: nn.Module, batch_size: int, input_size: Optional[Sequence[int]] = None, seed: int = 0):
+    input_size = input_size or model.pretrained_cfg['input_size']
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, *input_size, generator=generator, dtype=param.dtype).to(param.device)
+    targets = torch.randint(0, max(model.num_classes, 1), (batch_size,), generator=generator).to(param.device)
+    return images, targets
+
+
+def _optimizer_step(
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        autocast_dtype: Optional[torch.dtype],
+        step_fn: Callable[..., torch.Tensor],
+) -> None:
+    # Gradients stay allocated between steps, as in DESIGN.md's baseline (parameters + gradients), so the
+    # measured peak and the one predicted from the activation fit count the same things.
+    optimizer.zero_grad(set_to_none=False)
+    step_fn(model, images, targets, autocast_dtype)
+    optimizer.step()
+
+
+def peak_training_memory(
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batch_size: int,
+        input_size: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        step_fn: Callable[..., torch.Tensor] = train_step,
+) -> int:
+    """ Peak bytes during one full training step (zero_grad keeping the gradients, forward, backward, optimizer step).
+
+    Counts everything the step holds: parameters, gradients, optimizer state, the batch and activations.
+    CUDA: the allocator's peak, i.e. every tensor on the device (keep other models off it while measuring);
+    CPU: MemTracker, counting the model, the optimizer and the batch. An optimizer without state first takes
+    one untracked step at batch 1 (it creates its state lazily), so the figure is that of every later step.
+    """
+    model.train()
+    if not optimizer.state:
+        # optimizers create their state in the first step; measure the steady state every later step has
+        _optimizer_step(model, optimizer, *_batch(model, 1, input_size), autocast_dtype, step_fn)
+    images, targets = _batch(model, batch_size, input_size)
+    device = images.device
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _optimizer_step(model, optimizer, images, targets, autocast_dtype, step_fn)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    from torch.distributed._tools.mem_tracker import MemTracker
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer, images, targets)
+    with tracker:
+        _optimizer_step(model, optimizer, images, targets, autocast_dtype, step_fn)
+    return tracker.get_tracker_snapshot('peak')[device]['Total']
+
+
+def largest_batch_in_budget(
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        fit: MemoryFit,
+        budget_bytes: float,
+        input_size: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        check: Optional[bool] = None,
+        max_tries: int = 4,
+) -> Tuple[int, Optional[int]]:
+    """ The largest batch that fits `budget_bytes`, and the peak bytes of a real step at it (None if unchecked).
+
+    The batch is computed from the fit and the training state; with `check` (default: on CUDA) one real
+    training step at that batch confirms it, and the batch shrinks in proportion while the step overshoots
+    the budget or runs out of memory. A checked batch of 0 means even the smallest step did not fit.
+    """
+    device = next(model.parameters()).device
+    check = device.type == 'cuda' if check is None else check
+    state = training_state_bytes(model, optimizer)
+    per_input = input_bytes_per_image(model, input_size)
+    batch = max_batch_size(fit, state, budget_bytes, per_input)
+    if not check or batch == 0:
+        return batch, None
+    for _ in range(max_tries):
+        try:
+            peak = peak_training_memory(model, optimizer, batch, input_size, autocast_dtype)
+        except torch.OutOfMemoryError:
+            peak = None
+        if peak is not None and peak <= budget_bytes:
+            return batch, peak
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+        shrink = 0.9 if peak is None else 0.99 * budget_bytes / peak
+        batch = min(batch - 1, math.floor(batch * shrink))
+        if batch <= 0:
+            break
+    return 0, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speed: round-robin timing of several models in one loop
+
+
+def default_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """ AdamW, as in the reference study's training; a small rate keeps random-data steps from diverging. """
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+
+
+def make_train_step_fn(
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batch_size: int,
+        input_size: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+) -> Callable[[], None]:
+    """ A closure running one full training step (zero_grad, forward, backward, optimizer step) on a fixed batch. """
+    images, targets = _batch(model, batch_size, input_size)
+
+    def step() -> None:
+        model.train()
+        _optimizer_step(model, optimizer, images, targets, autocast_dtype, train_step)
+    return step
+
+
+def make_inference_fn(
+        model: nn.Module,
+        batch_size: int,
+        input_size: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+) -> Callable[[], None]:
+    """ A closure running one eval-mode forward without autograd on a fixed batch. """
+    images, _ = _batch(model, batch_size, input_size)
+    autocast = (lambda: torch.autocast(images.device.type, dtype=autocast_dtype)) if autocast_dtype \
+        else contextlib.nullcontext
+
+    def forward() -> None:
+        model.eval()
+        with torch.inference_mode(), autocast():
+            model(images)
+    return forward
+
+
+def _synchronize(device: Optional[torch.device]) -> None:
+    if device is not None and device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def alternating_timings(
+        fns: Mapping[str, Callable[[], object]],
+        repeats: int = 5,
+        warmup: int = 1,
+        device: Optional[torch.device] = None,
+        on_round: Optional[Callable[[int], None]] = None,
+) -> Dict[str, List[float]]:
+    """ Seconds per call of each function, `repeats` timed rounds after `warmup` untimed ones.
+
+    Every round calls each function once; the order flips every round so that no function always
+    runs right after the same neighbour. `device` is synchronised around each call (CUDA runs async).
+    `on_round(i)` is called after each round (progress display).
+    """
+    names = list(fns)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        for name in (names if r % 2 == 0 else reversed(names)):
+            _synchronize(device)
+            start = time.perf_counter()
+            fns[name]()
+            _synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+        if on_round is not None:
+            on_round(r)
+    return times
+
+
+def _device_of(models: Mapping[str, nn.Module]) -> torch.device:
+    return next(next(iter(models.values())).parameters()).device
+
+
+def time_train_steps(
+        models: Mapping[str, nn.Module],
+        batch_size: int = 16,
+        repeats: int = 5,
+        warmup: int = 1,
+        input_size: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] = default_optimizer,
+        on_round: Optional[Callable[[int], None]] = None,
+) -> Dict[str, List[float]]:
+    """ Seconds per full training step of each model, timed round-robin in one loop (see `alternating_timings`). """
+    fns = {
+        name: make_train_step_fn(model, optimizer_factory(model), batch_size, input_size, autocast_dtype)
+        for name, model in models.items()}
+    return alternating_timings(fns, repeats, warmup, _device_of(models), on_round)
+
+
+def time_inference(
+        models: Mapping[str, nn.Module],
+        batch_size: int = 16,
+        repeats: int = 5,
+        warmup: int = 1,
+        input_size: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        on_round: Optional[Callable[[int], None]] = None,
+) -> Dict[str, List[float]]:
+    """ Seconds per eval-mode, no-grad forward of each model, timed round-robin in one loop. """
+    fns = {name: make_inference_fn(model, batch_size, input_size, autocast_dtype) for name, model in models.items()}
+    return alternating_timings(fns, repeats, warmup, _device_of(models), on_round)
+
+
+def train_step_time_ratio(
+        model: nn.Module,
+        baseline: nn.Module,
+        batch_size: int = 16,
+        repeats: int = 5,
+        warmup: int = 1,
+        input_size: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+) -> float:
+    """ Median training-step time of `model` over that of `baseline`, both timed alternating in one loop. """
+    times = time_train_steps(
+        {'model': model, 'baseline': baseline}, batch_size, repeats, warmup, input_size, autocast_dtype)
+    return statistics.median(times['model']) / statistics.median(times['baseline'])
+
+
+def throughput(times: Sequence[float], batch_size: int) -> float:
+    """ Images per second from per-call times (median, so one disturbed call does not move it). """
+    return batch_size / statistics.median(times)
