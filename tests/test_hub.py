@@ -4,6 +4,7 @@
 knows no repositories; the real huggingface_hub and timm code runs on top of it.
 """
 import base64
+import hashlib
 import json
 from typing import Dict, List
 
@@ -25,18 +26,23 @@ MODELS = package_models()
 
 
 class FakeHub:
-    """ The Hub's HTTP API as far as publishing and downloading use it; records every request. """
+    """ The Hub's HTTP API as far as publishing and downloading use it: repositories are created, commits
+    store their files, downloads serve them; everything else is 'not found'. Records every request. """
 
     def __init__(self):
         self.requests: List[httpx2.Request] = []
         self.created: List[Dict] = []
         self.commits: List[Dict] = []
+        self.repos: Dict[str, Dict[str, bytes]] = {}  # repo id -> files, as committed
+        self.create_status = 200  # e.g. 403: the token may not write there
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         self.requests.append(request)
         path = request.url.path
         if request.method == 'POST' and path == '/api/repos/create':
             body = json.loads(request.content)
+            if self.create_status != 200:
+                return httpx2.Response(self.create_status, json={'error': 'You don\'t have the rights to create a model'})
             self.created.append(body)
             repo_id = f"{body['organization']}/{body['name']}"
             return httpx2.Response(200, json={'url': f'https://huggingface.co/{repo_id}', 'name': repo_id})
@@ -54,12 +60,20 @@ class FakeHub:
         if request.method == 'POST' and '/commit/' in path:
             lines = [json.loads(line) for line in request.content.decode().splitlines()]
             repo_id = path.split('/api/models/')[1].split('/commit/')[0]
-            self.commits.append(dict(
-                repo_id=repo_id,
-                summary=lines[0]['value']['summary'],
-                files={l['value']['path']: base64.b64decode(l['value']['content']) for l in lines if l['key'] == 'file'}))
+            files = {l['value']['path']: base64.b64decode(l['value']['content']) for l in lines if l['key'] == 'file'}
+            self.commits.append(dict(repo_id=repo_id, summary=lines[0]['value']['summary'], files=files))
+            self.repos.setdefault(repo_id, {}).update(files)
             return httpx2.Response(200, json={
                 'commitUrl': f'https://huggingface.co/{repo_id}/commit/{"0" * 40}', 'commitOid': '0' * 40})
+        if request.method in ('HEAD', 'GET') and '/resolve/main/' in path:
+            repo_id, filename = path.lstrip('/').split('/resolve/main/')
+            if repo_id in self.repos:
+                if filename not in self.repos[repo_id]:
+                    return httpx2.Response(404, headers={'X-Error-Code': 'EntryNotFound'}, json={'error': 'Entry not found'})
+                data = self.repos[repo_id][filename]
+                headers = {'x-repo-commit': '0' * 40, 'etag': f'"{hashlib.sha256(data).hexdigest()}"',
+                           'content-length': str(len(data))}
+                return httpx2.Response(200, headers=headers, content=b'' if request.method == 'HEAD' else data)
         return httpx2.Response(404, headers={'X-Error-Code': 'RepoNotFound'}, json={'error': 'Repository not found'})
 
     def urls(self) -> List[str]:

@@ -1,0 +1,334 @@
+""" Publishing a run: files, card, local-dir loading and the upload, all offline. """
+import contextlib
+import copy
+import io
+import json
+import runpy
+import shutil
+from pathlib import Path
+from typing import Tuple
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+from timm.models import save_for_hf
+
+import timm_reversible  # noqa: F401  registers the models
+from huggingface_hub import constants as hf_constants
+from timm_reversible import publish as pub
+from timm_reversible._hub import HUB_NAMESPACE_ENV
+from timm_reversible.profiling import activation_memory_per_image, count_flops, count_params
+
+from conftest import package_models
+from test_hub import fake_hub  # noqa: F401  the Hub's HTTP API, in process
+
+MODELS = package_models()
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = dict(embed_dim=32, depth=1, num_heads=2, mlp_ratio=1.)
+
+
+RESULTS = dict(
+    model='vit_small_cifar', model_args={}, dataset='digits', num_classes=10, img_size=32,
+    best_top1=0., best_top5=0., best_epoch=0, epochs=1, train_loss=0., wall_time_s=4.2,
+    peak_memory_mib=None, device='cpu', num_processes=1, mixed_precision='no',
+    recipe=dict(opt='adamw', lr=3e-3, batch_size=32, sched='cosine'), weights='model')
+
+
+def digits(n: int, offset: int = 0):
+    """ sklearn's 8x8 digits as 3x32x32 images. """
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    x = torch.tensor(data.images[offset:offset + n], dtype=torch.float32)[:, None] / 16.
+    x = F.interpolate(x, size=32, mode='nearest').expand(-1, 3, -1, -1)
+    return (x - 0.5) / 0.5, torch.tensor(data.target[offset:offset + n])
+
+
+def make_run(run_dir: Path, steps: int = 8) -> torch.nn.Module:
+    """ A short digits run, written in the run-directory format of scripts/train.py. """
+    torch.manual_seed(0)
+    model = timm.create_model('vit_small_cifar', drop_path_rate=0.1, **TINY)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y = digits(256)
+    model.train()
+    for i in range(steps):
+        xb, yb = x[i * 32:][:32], y[i * 32:][:32]
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    xv, yv = digits(128, offset=1500)
+    with torch.no_grad():
+        top5 = model(xv).topk(5, dim=1).indices
+    top1 = (top5[:, 0] == yv).float().mean().item() * 100
+    top5 = (top5 == yv[:, None]).any(dim=1).float().mean().item() * 100
+    model_args = dict(drop_path_rate=0.1, **TINY)
+    run_dir.mkdir(parents=True)
+    save_for_hf(model, run_dir, model_config=dict(model_args=model_args), safe_serialization=True)
+    (run_dir / 'args.yaml').write_text(yaml.safe_dump(dict(model='vit_small_cifar', dataset='digits', epochs=1)))
+    (run_dir / 'summary.csv').write_text(f'epoch,train_loss,eval_top1,eval_top5\n0,{loss.item()},{top1},{top5}\n')
+    results = dict(
+        RESULTS, model_args=model_args, best_top1=top1, best_top5=top5, train_loss=loss.item())
+    (run_dir / 'results.json').write_text(json.dumps(results))
+    return model
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp('output') / 'digits_run'
+    model = make_run(run_dir)
+    return run_dir, model
+
+
+def publish_cli(*argv: str) -> Tuple[int, str, str]:
+    """ `python scripts/publish.py ARGV...`, run in this process (a subprocess would import torch again). """
+    main = runpy.run_path(str(REPO / 'scripts' / 'publish.py'), run_name='publish_script')['main']
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope='module')
+def published(run, tmp_path_factory):
+    """ `scripts/publish.py RUN --repo-id ... --dry-run --local-dir DIR`, as a user runs it. """
+    run_dir, _ = run
+    folder = tmp_path_factory.mktemp('published') / 'vit_small_cifar-digits'
+    code, out, err = publish_cli(
+        run_dir, '--repo-id', 'tester/vit_small_cifar-digits', '--dry-run', '--local-dir', folder, '--act-batch-size', 4)
+    assert code == 0, out + err
+    return folder, out
+
+
+def test_dry_run_writes_exactly_the_published_files(published, run):
+    folder, stdout = published
+    assert sorted(p.name for p in folder.iterdir()) == sorted(pub.PUBLISHED_FILES)
+    assert (folder / 'model.safetensors').read_bytes() == (run[0] / 'model.safetensors').read_bytes()
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == 'vit_small_cifar'
+    assert config['model_args']['embed_dim'] == 32 and config['model_args']['depth'] == 1
+    assert str(folder) in stdout
+
+
+def test_local_dir_model_equals_trained_model(published, run):
+    folder, _ = published
+    _, trained = run
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    assert isinstance(model, type(trained))
+    x, _ = digits(8, offset=1700)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained.eval()(x))
+    trained_state = trained.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained_state[key]), key
+
+
+def _front_matter(readme: str) -> dict:
+    assert readme.startswith('---\n')
+    return yaml.safe_load(readme.split('---\n')[1])
+
+
+def _python_blocks(readme: str) -> list:
+    return [block.split('```')[0] for block in readme.split('```python\n')[1:]]
+
+
+def test_card_renders_the_measured_figures(published, run):
+    folder, _ = published
+    run_dir, trained = run
+    readme = (folder / 'README.md').read_text()
+    results = json.loads((run_dir / 'results.json').read_text())
+    meta = _front_matter(readme)
+    assert {'image-classification', 'timm', 'timm-reversible'} <= set(meta['tags'])
+    assert meta['library_name'] == 'timm' and meta['license'] == 'apache-2.0' and meta['datasets'] == ['digits']
+    assert '# Model card for vit_small_cifar-digits' in readme
+    # figures measured from the model and read from results.json, not typed
+    measured = copy.deepcopy(trained)
+    assert f'Params (M): {pub._sig(count_params(trained) / 1e6)}\n' in readme
+    assert f'GMACs: {pub._sig(count_flops(trained) / 2 / 1e9)}\n' in readme
+    act = activation_memory_per_image(measured, batch_size=4) / 2 ** 20
+    assert f'(MiB, training step): {act:.2f}, measured on the CPU' in readme
+    assert 'Image size: 32 x 32' in readme
+    assert f"top-1 {results['best_top1']:.2f} %, top-5 {results['best_top5']:.2f} %" in readme
+    assert f"| **vit_small_cifar** (this run) | 1 | vanilla |" in readme
+    assert 'lr: 0.003' in readme  # the recipe
+    assert '$' not in readme
+    blocks = _python_blocks(readme)
+    assert blocks and all(b.startswith('import timm_reversible') for b in blocks)
+    assert all("create_model('hf-hub:tester/vit_small_cifar-digits'" in b for b in blocks)
+    assert 'Vision Transformer for Small-Size Datasets' in readme.split('## Citation')[1]
+
+
+PAPERS = {
+    'vit_small_cifar': ['2112.13492'],
+    'revvit_small_cifar': ['2112.13492', 'Reversible Vision Transformers'],
+    'bdia_vit_small_cifar': ['2112.13492', '2407.09093'],
+    'momentum_revvit_small': ['2112.13492', 'Momentum Residual Neural Networks'],
+}
+
+
+@pytest.mark.parametrize('name', sorted(set(MODELS) | set(PAPERS)))
+def test_every_model_has_a_card_template(name):
+    template = pub.card_template_path(name).read_text()
+    readme = pub.render_card(template, {k: f'<{k}>' for k in pub.CARD_FIELDS})
+    assert '$' not in readme
+    meta = _front_matter(readme.replace('<datasets_yaml>', '- cifar10'))
+    assert {'image-classification', 'timm', 'timm-reversible'} <= set(meta['tags'])
+    assert meta['library_name'] == 'timm' and meta['license'] == '<license>'
+    sections = [line for line in readme.splitlines() if line.startswith('## ')]
+    assert sections == ['## Model Details', '## Model Usage', '## Model Comparison', '## Citation']
+    for field in ('params_m', 'gmacs', 'act_mib', 'img_size', 'comparison_table'):
+        assert f'<{field}>' in readme
+    assert all(b.startswith('import timm_reversible') for b in _python_blocks(readme))
+    citation = readme.split('## Citation')[1]
+    for paper in PAPERS.get(name, ['2112.13492']):
+        assert paper in citation and paper in readme.split('## Model Usage')[0]
+    assert citation.count('@') == len(PAPERS.get(name, [0]))
+
+
+def test_unknown_placeholder_is_an_error():
+    with pytest.raises(pub.PublishError, match='placeholder'):
+        pub.render_card('params: ${params_typed_by_hand}', {k: '' for k in pub.CARD_FIELDS})
+
+
+def _copy_run(run_dir: Path, dest: Path, drop=(), **results) -> Path:
+    shutil.copytree(run_dir, dest)
+    for name in drop:
+        (dest / name).unlink()
+    if results:
+        data = json.loads((dest / 'results.json').read_text())
+        (dest / 'results.json').write_text(json.dumps(dict(data, **results)))
+    return dest
+
+
+def test_refuses_a_run_without_results(run, tmp_path):
+    unfinished = _copy_run(run[0], tmp_path / 'unfinished', drop=['results.json'])
+    code, out, err = publish_cli(unfinished, '--repo-id', 'tester/x', '--dry-run', '--local-dir', tmp_path / 'out')
+    assert code == 1
+    assert 'has no results.json' in err and 'Traceback' not in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_refuses_a_run_without_safetensors(run, tmp_path):
+    pickled = _copy_run(run[0], tmp_path / 'pickled', drop=['model.safetensors'])
+    torch.save(load_file(run[0] / 'model.safetensors'), pickled / 'pytorch_model.bin')
+    with pytest.raises(pub.PublishError, match='only safetensors weights are published.*pytorch_model.bin'):
+        pub.publish(pickled, 'tester/x', dry_run=True, local_dir=tmp_path / 'out')
+
+
+def test_dry_run_needs_local_dir(run):
+    code, _, err = publish_cli(run[0], '--repo-id', 'tester/x', '--dry-run')
+    assert code == 2 and '--dry-run needs --local-dir' in err
+
+
+def test_missing_token_is_reported_before_any_work(run, fake_hub, monkeypatch, tmp_path):
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.delenv('HUGGING_FACE_HUB_TOKEN', raising=False)
+    monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(tmp_path / 'no_token'))
+    monkeypatch.setattr(hf_constants, 'HF_STORED_TOKENS_PATH', str(tmp_path / 'no_tokens'))
+    code, out, err = publish_cli(run[0], '--repo-id', 'tester/x')
+    assert code == 1
+    assert 'No Hugging Face token' in err and 'hf auth login' in err and 'HF_TOKEN' in err
+    assert fake_hub.requests == []
+
+
+def test_upload_sends_the_files_to_the_repo(run, published, fake_hub, monkeypatch):
+    run_dir, _ = run
+    monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
+    result = pub.publish(run_dir, 'tester/vit_small_cifar-digits', private=True, act_batch_size=4)
+
+    assert len(fake_hub.created) == 1
+    created = fake_hub.created[0]
+    assert (created['organization'], created['name'], created['visibility']) == ('tester', 'vit_small_cifar-digits', 'private')
+    assert len(fake_hub.commits) == 1
+    commit = fake_hub.commits[0]
+    assert commit['repo_id'] == 'tester/vit_small_cifar-digits'
+    assert sorted(commit['files']) == sorted(pub.PUBLISHED_FILES)
+    assert commit['files']['model.safetensors'] == (run_dir / 'model.safetensors').read_bytes()
+    assert commit['files']['config.json'] == (run_dir / 'config.json').read_bytes()
+    # the same card as the dry run: every figure is measured deterministically
+    assert commit['files']['README.md'] == (published[0] / 'README.md').read_bytes()
+    assert commit['files']['README.md'].decode() == result.readme
+    assert all(r.headers['authorization'] == 'Bearer hf_test_token' for r in fake_hub.requests
+               if r.url.path.startswith('/api/repos') or '/commit/' in r.url.path)
+    assert result.commit.commit_url.startswith('https://huggingface.co/tester/vit_small_cifar-digits/commit/')
+
+
+def test_upload_refused_by_the_hub_is_a_clear_error(run, fake_hub, monkeypatch, tmp_path):
+    monkeypatch.setenv('HF_TOKEN', 'hf_read_only')
+    fake_hub.create_status = 403
+    code, out, err = publish_cli(run[0], '--repo-id', 'someone-else/x', '--local-dir', tmp_path / 'out',
+                                 '--act-batch-size', 4)
+    assert code == 1 and "Uploading to 'someone-else/x' failed" in err and 'write access' in err
+    assert 'Traceback' not in err and fake_hub.commits == []
+
+
+def test_registered_name_needs_the_tag_dataset_and_default_architecture(run, tmp_path):
+    run_dir, _ = run
+    with pytest.raises(pub.PublishError, match=r'\.c10 stands for CIFAR-10.*digits'):
+        pub.publish(run_dir, 'tester/vit_small_cifar.c10', dry_run=True, local_dir=tmp_path / 'a')
+    cifar = _copy_run(run_dir, tmp_path / 'cifar', dataset='torch/cifar10')
+    with pytest.raises(pub.PublishError, match='builds the default architecture and its weights do not fit'):
+        pub.publish(cifar, 'tester/vit_small_cifar.c10', dry_run=True, local_dir=tmp_path / 'b')
+    with pytest.raises(pub.PublishError, match='not a registered pretrained tag'):
+        pub.publish(cifar, 'tester/vit_small_cifar.in1k', dry_run=True, local_dir=tmp_path / 'c')
+
+
+def test_activation_memory_from_benchmark(run, tmp_path):
+    run_dir, trained = run
+    rows = [
+        dict(model='vit_small_cifar', depth=6, mode='vanilla', act_bytes_per_img=9e6),
+        dict(model='vit_small_cifar', depth=1, mode='checkpoint', act_bytes_per_img=1e5),
+        dict(model='vit_small_cifar', depth=1, mode='vanilla', act_bytes_per_img=123456.0, params=20000),
+        dict(model='revvit_small_cifar', depth=1, mode='reversible', act_bytes_per_img=65536.0, params=20000,
+             gflops=0.002),
+    ]
+    bench = tmp_path / 'results.json'
+    bench.write_text(json.dumps(dict(rows=rows)))
+    figures = pub.model_figures(trained, pub.read_benchmark(bench), 'results.json')
+    assert figures['act_bytes'] == 123456.0 and figures['act_source'].startswith('from results.json')
+    readme = pub.build_card(pub.load_run(run_dir), 'tester/x', figures, pub.read_benchmark(bench))
+    assert f'(MiB, training step): {123456 / 2 ** 20:.2f}, from results.json' in readme
+    assert '| revvit_small_cifar | 1 | reversible | 0.0200 | 0.00100 | 0.06 | - |' in readme
+    with pytest.raises(pub.PublishError, match='no row with activation memory'):
+        pub.model_figures(trained, rows[:2], 'results.json')
+
+
+def test_local_dir_with_other_files_is_refused(run, tmp_path):
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'pytorch_model.bin').write_bytes(b'')
+    with pytest.raises(pub.PublishError, match='holds other files'):
+        pub.publish(run[0], 'tester/x', dry_run=True, local_dir=tmp_path / 'out', act_batch_size=4)
+
+
+def test_published_weights_load_with_the_registered_name(fake_hub, monkeypatch, tmp_path):
+    """ Full size: publish under `<namespace>/vit_small_cifar.c10`, then `pretrained=True` downloads them. """
+    monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
+    monkeypatch.setenv(HUB_NAMESPACE_ENV, 'tester')
+    trained = timm.create_model('vit_small_cifar').eval()
+    run_dir = tmp_path / 'run'
+    save_for_hf(trained, run_dir, safe_serialization=True)
+    results = json.loads(json.dumps(RESULTS))
+    results.update(model_args={}, dataset='torch/cifar10')
+    (run_dir / 'results.json').write_text(json.dumps(results))
+    bench = tmp_path / 'benchmark.json'
+    bench.write_text(json.dumps([dict(model='vit_small_cifar', depth=6, mode='vanilla', act_mib_per_img=8.9)]))
+
+    result = pub.publish(run_dir, 'tester/vit_small_cifar.c10', benchmark=bench)
+    assert fake_hub.commits[-1]['repo_id'] == 'tester/vit_small_cifar.c10'
+    assert 'timm.create_model("vit_small_cifar.c10", pretrained=True)' in result.readme
+    assert 'Params (M): 9.62\n' in result.readme and 'training step): 8.90, from benchmark.json' in result.readme
+
+    x = torch.randn(2, 3, 32, 32)
+    for name in ('vit_small_cifar.c10', 'hf-hub:tester/vit_small_cifar.c10'):
+        model = timm.create_model(name, pretrained=True).eval()
+        with torch.no_grad():
+            assert torch.equal(model(x), trained(x)), name
+    downloads = [u for u in fake_hub.urls() if '/resolve/' in u]
+    assert not [u for u in downloads if u.endswith('.bin')]
