@@ -67,8 +67,8 @@ def pretrained_hint(model_tag: str, repo_id: str) -> str:
     model_name, _, tag = model_tag.partition('.')
     dataset = TAG_DATASETS.get(tag, ('<dataset>',))[0]
     return (
-        f'  accelerate launch scripts/train.py --model {model_name} --dataset {dataset} '
-        f'--output output --experiment {model_tag}\n'
+        f'  accelerate launch scripts/train.py --model {model_name} --dataset {dataset} --dataset-download '
+        f'--data-dir data --output output --experiment {model_tag}\n'
         f'  python scripts/publish.py output/{model_tag} --repo-id {repo_id}'
     )
 
