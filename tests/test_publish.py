@@ -239,7 +239,7 @@ def test_missing_token_is_reported_before_any_work(run, fake_hub, monkeypatch, t
 
 
 def test_upload_sends_the_files_to_the_repo(run, published, fake_hub, monkeypatch):
-    run_dir, _ = run
+    run_dir, trained = run
     monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
     result = pub.publish(run_dir, 'tester/vit_small_cifar-digits', private=True, act_batch_size=4)
 
@@ -258,6 +258,12 @@ def test_upload_sends_the_files_to_the_repo(run, published, fake_hub, monkeypatc
     assert all(r.headers['authorization'] == 'Bearer hf_test_token' for r in fake_hub.requests
                if r.url.path.startswith('/api/repos') or '/commit/' in r.url.path)
     assert result.commit.commit_url.startswith('https://huggingface.co/tester/vit_small_cifar-digits/commit/')
+
+    # and back: the published repository creates the trained model (config.json's architecture and model_args)
+    model = timm.create_model('hf-hub:tester/vit_small_cifar-digits', pretrained=True).eval()
+    x, _ = digits(8, offset=1700)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained.eval()(x))
 
 
 def test_upload_refused_by_the_hub_is_a_clear_error(run, fake_hub, monkeypatch, tmp_path):
@@ -280,24 +286,47 @@ def test_registered_name_needs_the_tag_dataset_and_default_architecture(run, tmp
         pub.publish(cifar, 'tester/vit_small_cifar.in1k', dry_run=True, local_dir=tmp_path / 'c')
 
 
+def benchmark_file(path: Path, *rows: dict, **meta) -> Path:
+    """ A results.json in the format of scripts/benchmark.py: meta + one row per model and depth. """
+    def row(name, depth, act, params_m, gflops=None, grad_checkpointing=False, reversible=False, kwargs=None):
+        label = name + (' + grad ckpt' if grad_checkpointing else '')
+        return dict(model=label, name=name, depth=depth, kwargs=kwargs or {}, grad_checkpointing=grad_checkpointing,
+                    reversible=reversible, params_m=params_m, gflops=gflops, act_mib_per_image=act, error=None)
+    meta = dict(dict(device='cpu', precision='fp32', ref_batch=128, model_kwargs={}), **meta)
+    path.write_text(json.dumps(dict(meta=meta, rows=[row(**r) for r in rows], targets=[])))
+    return path
+
+
 def test_activation_memory_from_benchmark(run, tmp_path):
     run_dir, trained = run
-    rows = [
-        dict(model='vit_small_cifar', depth=6, mode='vanilla', act_bytes_per_img=9e6),
-        dict(model='vit_small_cifar', depth=1, mode='checkpoint', act_bytes_per_img=1e5),
-        dict(model='vit_small_cifar', depth=1, mode='vanilla', act_bytes_per_img=123456.0, params=20000),
-        dict(model='revvit_small_cifar', depth=1, mode='reversible', act_bytes_per_img=65536.0, params=20000,
-             gflops=0.002),
-    ]
-    bench = tmp_path / 'results.json'
-    bench.write_text(json.dumps(dict(rows=rows)))
-    figures = pub.model_figures(trained, pub.read_benchmark(bench), 'results.json')
-    assert figures['act_bytes'] == 123456.0 and figures['act_source'].startswith('from results.json')
-    readme = pub.build_card(pub.load_run(run_dir), 'tester/x', figures, pub.read_benchmark(bench))
-    assert f'(MiB, training step): {123456 / 2 ** 20:.2f}, from results.json' in readme
-    assert '| revvit_small_cifar | 1 | reversible | 0.0200 | 0.00100 | 0.06 | - |' in readme
-    with pytest.raises(pub.PublishError, match='no row with activation memory'):
-        pub.model_figures(trained, rows[:2], 'results.json')
+    params_m = count_params(trained) / 1e6
+    bench = pub.read_benchmark(benchmark_file(
+        tmp_path / 'results.json',
+        dict(name='vit_small_cifar', depth=6, act=9.0, params_m=params_m),
+        dict(name='vit_small_cifar', depth=1, act=0.01, params_m=params_m, grad_checkpointing=True),
+        dict(name='vit_small_cifar', depth=1, act=0.5, params_m=params_m, gflops=0.002),
+        dict(name='revvit_small_cifar', depth=1, act=0.25, params_m=params_m, gflops=0.002, reversible=True),
+        embed_dim=32))
+    figures = pub.model_figures(trained, bench)
+    assert figures['act_bytes'] == 0.5 * 2 ** 20
+    assert figures['act_source'] == 'from the benchmark (results.json, cpu, fp32, batch 128)'
+    readme = pub.build_card(pub.load_run(run_dir), 'tester/x', figures, bench)
+    assert '(MiB, training step): 0.50, from the benchmark (results.json, cpu, fp32, batch 128)' in readme
+    table = readme.split('## Model Comparison')[1]
+    assert '| **vit_small_cifar** (this run) | 1 | vanilla | ' in table
+    assert f'| vit_small_cifar + grad ckpt | 1 | grad ckpt | {pub._sig(params_m)} | - | 0.01 | - |' in table
+    assert f'| revvit_small_cifar | 1 | reversible | {pub._sig(params_m)} | 0.00100 | 0.25 | - |' in table
+    assert '| 6 |' not in table and table.count('| vit_small_cifar |') == 0
+
+    other_depth = pub.read_benchmark(benchmark_file(
+        tmp_path / 'b.json', dict(name='vit_small_cifar', depth=6, act=9.0, params_m=params_m)))
+    with pytest.raises(pub.PublishError, match='no activation memory for vit_small_cifar at depth 1 .*measured: '
+                                               'vit_small_cifar depth 6'):
+        pub.model_figures(trained, other_depth)
+    other_width = pub.read_benchmark(benchmark_file(
+        tmp_path / 'c.json', dict(name='vit_small_cifar', depth=1, act=9.0, params_m=1.5)))
+    with pytest.raises(pub.PublishError, match='another width'):
+        pub.model_figures(trained, other_width)
 
 
 def test_local_dir_with_other_files_is_refused(run, tmp_path):
@@ -317,18 +346,16 @@ def test_published_weights_load_with_the_registered_name(fake_hub, monkeypatch, 
     results = json.loads(json.dumps(RESULTS))
     results.update(model_args={}, dataset='torch/cifar10')
     (run_dir / 'results.json').write_text(json.dumps(results))
-    bench = tmp_path / 'benchmark.json'
-    bench.write_text(json.dumps([dict(model='vit_small_cifar', depth=6, mode='vanilla', act_mib_per_img=8.9)]))
+    bench = benchmark_file(tmp_path / 'benchmark.json', dict(name='vit_small_cifar', depth=6, act=8.9, params_m=9.622512))
 
     result = pub.publish(run_dir, 'tester/vit_small_cifar.c10', benchmark=bench)
     assert fake_hub.commits[-1]['repo_id'] == 'tester/vit_small_cifar.c10'
     assert 'timm.create_model("vit_small_cifar.c10", pretrained=True)' in result.readme
-    assert 'Params (M): 9.62\n' in result.readme and 'training step): 8.90, from benchmark.json' in result.readme
+    assert 'Params (M): 9.62\n' in result.readme and 'training step): 8.90, from the benchmark (benchmark.json, cpu' in result.readme
 
+    model = timm.create_model('vit_small_cifar.c10', pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)
-    for name in ('vit_small_cifar.c10', 'hf-hub:tester/vit_small_cifar.c10'):
-        model = timm.create_model(name, pretrained=True).eval()
-        with torch.no_grad():
-            assert torch.equal(model(x), trained(x)), name
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
     downloads = [u for u in fake_hub.urls() if '/resolve/' in u]
     assert not [u for u in downloads if u.endswith('.bin')]

@@ -35,7 +35,7 @@ from ._hub import HUB_NAMESPACE_ENV, TAG_DATASETS, hub_namespace
 from .profiling import activation_memory_per_image, count_flops, count_params
 
 __all__ = [
-    'PublishError', 'Run', 'load_run', 'PUBLISHED_FILES', 'CARD_FIELDS', 'card_template_path', 'model_figures',
+    'PublishError', 'Run', 'load_run', 'Benchmark', 'PUBLISHED_FILES', 'CARD_FIELDS', 'card_template_path', 'model_figures',
     'read_benchmark', 'benchmark_row', 'card_fields', 'render_card', 'build_card', 'check_repo_id',
     'check_registry_name', 'check_folder', 'stage', 'hub_token', 'upload', 'PublishResult', 'publish',
 ]
@@ -169,56 +169,74 @@ def _model_mode(model: torch.nn.Module) -> str:
     return 'reversible' if getattr(model, 'reversible', False) else 'vanilla'
 
 
-# Activation memory keys a benchmark row may use, with their unit in bytes.
-_ACT_KEYS = (
-    ('act_bytes_per_img', 1.), ('activation_bytes_per_image', 1.), ('activation_memory_per_image', 1.),
-    ('act_mib_per_img', 2. ** 20), ('activation_mib_per_image', 2. ** 20),
-    ('act_mb_per_img', 1e6), ('activation_mb_per_image', 1e6),
-)
+MiB = 2. ** 20
+_MODE_LABELS = {'vanilla': 'vanilla', 'checkpoint': 'grad ckpt', 'reversible': 'reversible'}
 
 
-def read_benchmark(path: Union[str, Path]) -> List[Dict[str, Any]]:
-    """ The per-model rows of a benchmark `results.json` (a list, or a dict holding one under 'rows'). """
-    data = _read_json(Path(path))
-    rows = data
-    if isinstance(data, dict):
-        rows = next((data[k] for k in ('rows', 'results', 'models') if isinstance(data.get(k), list)), None)
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and 'model' in r for r in rows):
-        raise PublishError(f'{path} is not a benchmark results file: expected a list of rows with a "model" key.')
-    return rows
+@dataclass
+class Benchmark:
+    """ The results of `scripts/benchmark.py`: {'meta': {...}, 'rows': [one dict per model and depth]}.
+
+    A row names the registered model (`name`; `model` is its label), `depth`, `kwargs`, `grad_checkpointing`,
+    `reversible`, `params_m`, `gflops` (forward, per image), `act_mib_per_image` (DESIGN.md's activation memory
+    per image at the reference batch) and `error` (None when measured).
+    """
+    rows: List[Dict[str, Any]]
+    meta: Dict[str, Any]
+    name: str
 
 
-def _row_act_bytes(row: Dict[str, Any]) -> Optional[float]:
-    for key, unit in _ACT_KEYS:
-        if row.get(key) is not None:
-            return float(row[key]) * unit
-    return None
+def read_benchmark(path: Union[str, Path]) -> Benchmark:
+    """ Read a benchmark `results.json`. """
+    path = Path(path)
+    data = _read_json(path)
+    rows = data.get('rows') if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and 'depth' in r and ('name' in r or 'model' in r)
+                                             for r in rows):
+        raise PublishError(f'{path} is not the results.json of scripts/benchmark.py (no "rows" of models and depths).')
+    return Benchmark(rows=rows, meta=dict(data.get('meta') or {}), name=path.name)
+
+
+def _row_name(row: Dict[str, Any]) -> str:
+    return row.get('name') or row['model']
 
 
 def _row_mode(row: Dict[str, Any]) -> str:
-    mode = row.get('mode')
-    if mode is None and 'reversible' in row:
-        mode = 'reversible' if row['reversible'] else 'vanilla'
-    return str(mode or '')
+    if row.get('grad_checkpointing'):
+        return 'checkpoint'
+    return 'reversible' if row.get('reversible') else 'vanilla'
 
 
-def benchmark_row(rows: Sequence[Dict[str, Any]], model_name: str, depth: Optional[int], mode: str) -> Dict[str, Any]:
-    """ The benchmark row of `model_name` at `depth` run in `mode` (a row without a mode matches any). """
+def _row_act_bytes(row: Dict[str, Any]) -> Optional[float]:
+    act = row.get('act_mib_per_image')
+    return None if act is None or row.get('error') else float(act) * MiB
+
+
+def benchmark_row(bench: Benchmark, model_name: str, depth: Optional[int], mode: str, params: int) -> Dict[str, Any]:
+    """ The row measured for `model_name` at `depth` in `mode`, checked to be a model of the same size. """
     found = [
-        r for r in rows
-        if r['model'] == model_name and (depth is None or r.get('depth') in (None, depth))
-        and _row_mode(r) in ('', mode) and _row_act_bytes(r) is not None]
+        r for r in bench.rows
+        if _row_name(r) == model_name and r['depth'] == depth and _row_mode(r) == mode
+        and _row_act_bytes(r) is not None]
+    found.sort(key=lambda r: bool(r.get('kwargs')))  # the plain model first
+    measured = sorted({f'{_row_name(r)} depth {r["depth"]} ({_row_mode(r)})' for r in bench.rows if _row_act_bytes(r)})
     if not found:
         raise PublishError(
-            f'The benchmark has no row with activation memory for {model_name!r} at depth {depth} ({mode}); '
-            f'run the benchmark for it, or leave out --benchmark to measure on the CPU.')
-    return found[0]
+            f'The benchmark {bench.name} has no activation memory for {model_name} at depth {depth} ({mode}); '
+            f'it measured: {"; ".join(measured) or "nothing"}. Run the benchmark for it, or leave out --benchmark '
+            f'to measure on the CPU.')
+    row = found[0]
+    if row.get('params_m') is not None and abs(row['params_m'] * 1e6 - params) > 0.5:
+        raise PublishError(
+            f'The benchmark {bench.name} measured {model_name} at depth {depth} with {row["params_m"]:.4f}M parameters, '
+            f'the run\'s model has {params / 1e6:.4f}M: another width (benchmark model kwargs '
+            f'{bench.meta.get("model_kwargs", {})}). Benchmark the run\'s size, or leave out --benchmark.')
+    return row
 
 
 def model_figures(
         model: torch.nn.Module,
-        benchmark: Optional[Sequence[Dict[str, Any]]] = None,
-        benchmark_name: str = 'benchmark',
+        benchmark: Optional[Benchmark] = None,
         act_batch_size: int = DEFAULT_ACT_BATCH_SIZE,
 ) -> Dict[str, Any]:
     """ Params, GMACs and activation memory per image of `model` (all measured, none typed). """
@@ -231,10 +249,15 @@ def model_figures(
         mode=mode,
     )
     if benchmark is not None:
-        row = benchmark_row(benchmark, name, depth, mode)
+        row = benchmark_row(benchmark, name, depth, mode, figures['params'])
         figures['act_bytes'] = _row_act_bytes(row)
-        details = ', '.join(f'{k} {row[k]}' for k in ('device', 'batch_size', 'precision', 'dtype') if row.get(k))
-        figures['act_source'] = f'from {benchmark_name}' + (f' ({details})' if details else '')
+        meta = benchmark.meta
+        details = [str(meta[k]) for k in ('device', 'precision') if meta.get(k)]
+        if meta.get('ref_batch'):
+            details.append(f"batch {meta['ref_batch']}")
+        if meta.get('machine'):
+            details.append(str(meta['machine']))
+        figures['act_source'] = f'from the benchmark ({benchmark.name}' + ''.join(f', {d}' for d in details) + ')'
     else:
         figures['act_bytes'] = activation_memory_per_image(model, batch_size=act_batch_size)
         model.eval()
@@ -277,36 +300,33 @@ def _registry_note(repo_id: str, architecture: str) -> str:
             f'`timm.create_model("{model_tag}", pretrained=True)`.\n')
 
 
-def _comparison_table(run: Run, figures: Dict[str, Any], benchmark: Optional[Sequence[Dict[str, Any]]]) -> str:
+def _comparison_table(run: Run, figures: Dict[str, Any], benchmark: Optional[Benchmark]) -> str:
     header = ('| model | depth | mode | params (M) | GMACs | activation memory (MiB/img) | top-1 (%) |\n'
               '|---|---|---|---|---|---|---|\n')
-    this = (f"| **{run.architecture}** (this run) | {figures['depth']} | {figures['mode']} | "
-            f"{_sig(figures['params'] / 1e6)} | {_sig(figures['gmacs'])} | {figures['act_bytes'] / 2 ** 20:.2f} | "
+    this = (f"| **{run.architecture}** (this run) | {figures['depth']} | {_MODE_LABELS[figures['mode']]} | "
+            f"{_sig(figures['params'] / 1e6)} | {_sig(figures['gmacs'])} | {figures['act_bytes'] / MiB:.2f} | "
             f"{run.results['best_top1']:.2f} |\n")
+    if benchmark is None:
+        return header + this + '\nThe other timm-reversible models are compared by the benchmark of the repository.\n'
     rows = []
-    for r in benchmark or ():
+    for r in benchmark.rows:
         act = _row_act_bytes(r)
-        if act is None or (r['model'] == run.architecture and r.get('depth') in (None, figures['depth'])
-                           and _row_mode(r) in ('', figures['mode'])):
+        if act is None or r['depth'] != figures['depth'] or (
+                _row_name(r) == run.architecture and _row_mode(r) == figures['mode'] and not r.get('kwargs')):
             continue
-        params = _sig(r['params'] / 1e6) if r.get('params') is not None else '-'
-        gflops = r.get('gflops', r.get('GFLOPs'))
-        gmacs = _sig(gflops / 2) if gflops is not None else '-'
-        rows.append(f"| {r['model']} | {r.get('depth', '-')} | {_row_mode(r) or '-'} | {params} | {gmacs} | "
-                    f"{act / 2 ** 20:.2f} | - |\n")
-    table = header + this + ''.join(rows)
-    if not benchmark:
-        table += '\nThe other models of timm-reversible are compared in the benchmark of the repository.\n'
-    else:
-        table += '\nOther rows: the benchmark of the repository (same measurement, no accuracy).\n'
-    return table
+        params = _sig(r['params_m']) if r.get('params_m') is not None else '-'
+        gmacs = _sig(r['gflops'] / 2) if r.get('gflops') is not None else '-'
+        rows.append(f"| {r['model']} | {r['depth']} | {_MODE_LABELS[_row_mode(r)]} | {params} | {gmacs} | "
+                    f"{act / MiB:.2f} | - |\n")
+    return (header + this + ''.join(rows) + f'\nOther rows: the benchmark of the repository ({benchmark.name}), '
+            f'same depth and measurement; it does not train, so no accuracy.\n')
 
 
 def card_fields(
         run: Run,
         repo_id: str,
         figures: Dict[str, Any],
-        benchmark: Optional[Sequence[Dict[str, Any]]] = None,
+        benchmark: Optional[Benchmark] = None,
 ) -> Dict[str, str]:
     """ The values of every `CARD_FIELDS` placeholder. """
     results = run.results
@@ -327,7 +347,7 @@ def card_fields(
         img_size=str(results['img_size']),
         params_m=_sig(figures['params'] / 1e6),
         gmacs=_sig(figures['gmacs']),
-        act_mib=f"{figures['act_bytes'] / 2 ** 20:.2f}",
+        act_mib=f"{figures['act_bytes'] / MiB:.2f}",
         act_source=figures['act_source'],
         depth=str(figures['depth']),
         model_args=', '.join(f'{k}={v!r}' for k, v in model_args.items()),
@@ -361,7 +381,7 @@ def build_card(
         run: Run,
         repo_id: str,
         figures: Dict[str, Any],
-        benchmark: Optional[Sequence[Dict[str, Any]]] = None,
+        benchmark: Optional[Benchmark] = None,
         template_dir: Optional[Union[str, Path]] = None,
 ) -> str:
     """ README.md of the run, from `model_cards/<architecture>.md`. """
@@ -501,7 +521,7 @@ def publish(
 
     model = load_run_model(run)
     check_registry_name(run, repo_id, model)
-    figures = model_figures(model, bench_rows, Path(benchmark).name if benchmark else '', act_batch_size)
+    figures = model_figures(model, bench_rows, act_batch_size)
     readme = build_card(run, repo_id, figures, bench_rows, template_dir)
 
     if local_dir is not None:
