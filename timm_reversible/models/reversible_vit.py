@@ -4,7 +4,7 @@ blocks chained as invertible steps that run on the reversible engine.
 A subclass says how the token embedding becomes the initial state (`initial_state`), which step
 each block becomes (`make_steps`), and how a state reads out as token features (`state_features`).
 """
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,11 +17,17 @@ from ..reversible import (
 from .vit_small_cifar import SmallDataVisionTransformer
 
 __all__ = [
-    'ReversibleVisionTransformer', 'GridRangeGuard', 'block_residual', 'block_residual_vjp', 'quantize',
+    'ReversibleVisionTransformer', 'GridRangeGuard', 'stream_dtype', 'block_residual', 'block_residual_backward', 'quantize',
     'reconstruction_error',
 ]
 
-FLOAT32_EXACT_INT = 2 ** 24  # integers up to this magnitude are exact in float32
+
+
+def stream_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """ The dtype of a quantized residual stream: float64 for float64 models, float32 otherwise (also
+    under autocast and for bfloat16 / float16 weights, where only the residual functions run low).
+    """
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 class ReversibleVisionTransformer(SmallDataVisionTransformer):
@@ -123,32 +129,42 @@ def quantize(x: torch.Tensor, level: int) -> torch.Tensor:
 
 def block_residual(block: Block, dtype: Optional[torch.dtype] = None):
     """ h(x) = F(x) + G(x + F(x)): a standard block's residual branch, evaluated in the blocks' dtype and
-    returned in float32 for a float32 residual stream.
+    returned in the dtype of the stream it is given.
     """
     def h(x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
         x = x.to(dtype) if dtype is not None else x
         f = block.attn_residual(x)
-        return (f + block.mlp_residual(x + f)).float()
+        return (f + block.mlp_residual(x + f)).to(out_dtype)
     return h
 
 
-def block_residual_vjp(
+def block_residual_backward(
         tape: ReplayTape,
         name: str,
         block: Block,
         x: torch.Tensor,
         grad_h: torch.Tensor,
+        grad_x: torch.Tensor,
+        reconstruct: Callable[[torch.Tensor], None],
         split: bool = False,
         dtype: Optional[torch.dtype] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ Recompute h(x) (as `block_residual`) with grad, backpropagate `grad_h`; returns (h, dh/dx^T grad_h).
+) -> None:
+    """ Backpropagate `grad_h` through h(x) (as `block_residual`, recomputed with the forward's randomness),
+    adding the gradient wrt x into `grad_x` in place, and hand the recomputed h to `reconstruct` at a
+    moment when no graph is alive, so the caller's reconstruction temporaries do not add to the peak.
 
-    The whole block's graph is alive at once unless `split`: then G's graph is built and freed first
-    (F evaluated without grad), and F is recomputed with grad afterwards. That holds at most the larger
-    half of a block at the price of one more evaluation of F.
+    Unless `split`, the whole block's graph is built at once. With `split`, G's graph is built and
+    freed first (F evaluated without grad), h is handed over, and only then is F recomputed with grad:
+    the peak holds F's graph alone, for one more evaluation of F.
     """
     if not split:
-        return tape.vjp(name, block_residual(block, dtype), x, grad_h)
+        h, grad = tape.vjp(name, block_residual(block, dtype), x, grad_h)
+        del grad_h
+        grad_x.add_(grad)
+        del grad
+        reconstruct(h)
+        return
     x_in = x.detach().to(dtype) if dtype is not None else x.detach()
     with tape.replay(name):
         f = block.attn_residual(x_in)
@@ -156,23 +172,30 @@ def block_residual_vjp(
         with torch.enable_grad():
             g = block.mlp_residual(u)
     torch.autograd.backward(g, grad_h.to(g.dtype))
-    h = (f + g.detach()).float()
+    h = (f + g.detach()).to(x.dtype)
     grad_u = u.grad
     del f, g, u
+    reconstruct(h)
+    del h
+    grad_x.add_(grad_u)
     # F's output reaches h directly and through u = x + F(x)
-    _, grad_x = tape.vjp(name, block.attn_residual, x_in, grad_u + grad_h)
-    return h, grad_x.add_(grad_u).to(x.dtype)
+    grad_f = grad_u.add_(grad_h)
+    del grad_h, grad_u
+    _, grad = tape.vjp(name, block.attn_residual, x_in, grad_f)
+    del grad_f
+    grad_x.add_(grad)
 
 
 class GridRangeGuard:
-    """ Exactness on the 2^-level grid holds in float32 while |x| * 2^level < 2^24. The steps report the
-    largest magnitude of their outputs here; one check after the forward raises a clear error instead
-    of letting wrong gradients through.
+    """ Exactness on the 2^-level grid holds while |x| * 2^level < 2^24 in float32 (2^53 in float64). The
+    steps report the largest magnitude of their outputs here; one check after the forward raises a
+    clear error instead of letting wrong gradients through.
     """
 
-    def __init__(self, level: int, model_name: str):
+    def __init__(self, level: int, model_name: str, dtype: torch.dtype = torch.float32):
         self.level = level
-        self.limit = FLOAT32_EXACT_INT / 2 ** level
+        self.exact_bits = 53 if dtype == torch.float64 else 24  # significand bits
+        self.limit = 2. ** (self.exact_bits - level)
         self.model_name = model_name
         self.records: List[Tuple[int, torch.Tensor]] = []
 
@@ -192,7 +215,7 @@ class GridRangeGuard:
         block = records[first][0]
         raise FloatingPointError(
             f'{self.model_name}: activations in block {block} reached |x| = {amax[first].item():.6g}, '
-            f'beyond the range where the quantized stream is exact in float32 (|x| * 2^quant_level < 2^24, '
+            f'beyond the range where the quantized stream is exact (|x| * 2^quant_level < 2^{self.exact_bits}, '
             f'here |x| < {self.limit:g} with quant_level={self.level}). The reversible backward would give '
             f'wrong gradients. Lower `quant_level` (e.g. quant_level={self.level - 2}), or lower the learning '
             f'rate / add gradient clipping if the activations diverged.')
