@@ -1,0 +1,568 @@
+""" The comparison benchmark: every model at several depths, measured on this machine, as a table and plots.
+
+`scripts/benchmark.py` is the command-line front end; this module holds the model specs, the measuring
+loop and the report (terminal table, results.json, results.md, PNG plots), so that the figures can also be
+produced from Python. Definitions of the figures: DESIGN.md, "Measuring memory and speed", and
+`timm_reversible.profiling`.
+"""
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+
+from .profiling import (
+    activation_memory_fit, count_flops, count_params, default_optimizer, input_bytes_per_image,
+    largest_batch_in_budget, make_train_step_fn, peak_training_memory, predicted_peak_training_memory, throughput, time_inference,
+    time_train_steps, training_state_bytes)
+
+__all__ = [
+    'BASELINE', 'REFERENCE_STUDY', 'ModelSpec', 'BenchmarkConfig', 'BenchmarkRow', 'parse_model_spec',
+    'parse_kwargs', 'package_models', 'default_model_specs', 'run_benchmark', 'target_checks', 'format_table',
+    'markdown_report', 'plot_memory_vs_depth', 'plot_memory_vs_throughput', 'write_report', 'machine_info',
+]
+
+MiB = 2 ** 20
+GiB = 2 ** 30
+
+# Every ratio in the table is against this model at the same depth and width (DESIGN.md).
+BASELINE = 'vit_small_cifar'
+
+# Figures published by the reference study (CIFAR-10, measured on its laptop GPU, batch 128). They are shown
+# beside ours for comparison only; nothing here was measured by this package.
+REFERENCE_STUDY: Dict[str, Any] = {
+    'description': "reference study's published figures (CIFAR-10, its laptop GPU, batch 128), not measured here",
+    'batch_size': 128,
+    'params_m': 9.59,
+    'gflops': 1.237,
+    'models': {
+        'vit_small_cifar': {'label': 'ViT', 'peak_mib': 1508, 'top1': 88.26},
+        'revvit_small_cifar': {'label': 'RevViT', 'peak_mib': 730, 'top1': 86.99},
+        'bdia_vit_small_cifar': {'label': 'BDIA', 'peak_mib': 909, 'top1': 88.99},
+    },
+}
+
+_GRAD_CKPT_KEYS = ('grad_checkpointing', 'grad_ckpt')
+
+
+@dataclass
+class ModelSpec:
+    """ One table row family: a registered model, extra creation kwargs, and whether to checkpoint blocks. """
+    name: str
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    grad_checkpointing: bool = False
+
+    @property
+    def label(self) -> str:
+        label = self.name + (' + grad ckpt' if self.grad_checkpointing else '')
+        if self.kwargs:
+            label += ' [' + ','.join(f'{k}={v}' for k, v in self.kwargs.items()) + ']'
+        return label
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.name == BASELINE and not self.kwargs and not self.grad_checkpointing
+
+    def create(self, depth: int, device: str = 'cpu', **common_kwargs: Any) -> nn.Module:
+        """ The model at `depth`; `common_kwargs` (e.g. a smaller width for every row) come before the spec's own. """
+        model = timm.create_model(self.name, **{**common_kwargs, **self.kwargs, 'depth': depth})
+        if self.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model.to(device)
+
+
+def _parse_value(text: str) -> Any:
+    import yaml  # '1' -> 1, '0.1' -> 0.1, 'true' -> True, anything else stays a string
+    value = yaml.safe_load(text)
+    return text if value is None or isinstance(value, (dict, list)) else value
+
+
+def parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    """ ['embed_dim=32', 'num_heads=2'] -> {'embed_dim': 32, 'num_heads': 2}. """
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key.strip():
+            raise ValueError(f'Expected key=value, got {item!r}.')
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """ 'name' or 'name:key=value,key=value' -> ModelSpec. `grad_checkpointing=1` turns on block checkpointing;
+    every other key is passed to `timm.create_model`. """
+    name, _, rest = text.partition(':')
+    name = name.strip()
+    if not timm.is_model(name):
+        raise ValueError(f'Unknown model {name!r}; registered by this package: {", ".join(package_models())}.')
+    kwargs = parse_kwargs([item for item in rest.split(',') if item.strip()])
+    grad_checkpointing = False
+    for key in _GRAD_CKPT_KEYS:
+        if key in kwargs:
+            grad_checkpointing = bool(kwargs.pop(key))
+    if 'depth' in kwargs:
+        raise ValueError(f'{text!r}: depth comes from the depth sweep (--depths), not from the model spec.')
+    return ModelSpec(name, kwargs, grad_checkpointing)
+
+
+def package_models() -> List[str]:
+    """ Every model this package registers with timm, read from timm's registry. """
+    return sorted(
+        name for name in timm.list_models()
+        if timm.models.model_entrypoint(name).__module__.startswith('timm_reversible'))
+
+
+def default_model_specs() -> List[ModelSpec]:
+    """ All registered models, the baseline first, plus the baseline with gradient checkpointing. """
+    names = sorted(package_models(), key=lambda n: (n != BASELINE, n))
+    specs = [ModelSpec(n) for n in names]
+    specs.insert(1, ModelSpec(BASELINE, grad_checkpointing=True))
+    return specs
+
+
+@dataclass
+class BenchmarkConfig:
+    """ What to measure and how. Fields left None get per-device defaults (`resolved`). """
+    depths: Sequence[int] = (6, 12, 24)
+    device: str = 'cpu'
+    batch_size: Optional[int] = None  # timing batch: 16 on CPU, 128 on CUDA
+    memory_batch_sizes: Optional[Tuple[int, int]] = None  # the fit's two batches: (4, 8) on CPU, (64, 128) on CUDA
+    ref_batch: int = 128  # batch the per-image and peak figures are reported at (DESIGN.md, reference study)
+    repeats: Optional[int] = None  # timed rounds: 5 on CPU, 20 on CUDA
+    warmup: Optional[int] = None  # untimed rounds first: 1 on CPU, 3 on CUDA
+    amp: Optional[str] = None  # autocast dtype name ('bfloat16', 'float16') or None for fp32
+    mem_budget_gib: float = 8.0
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    check_max_batch: Optional[bool] = None  # one real step at the computed batch: default on CUDA
+
+    def resolved(self) -> 'BenchmarkConfig':
+        cuda = torch.device(self.device).type == 'cuda'
+        return replace(
+            self,
+            depths=tuple(int(d) for d in self.depths),
+            batch_size=self.batch_size or (128 if cuda else 16),
+            memory_batch_sizes=tuple(self.memory_batch_sizes or ((64, 128) if cuda else (4, 8))),
+            repeats=self.repeats or (20 if cuda else 5),
+            warmup=(3 if cuda else 1) if self.warmup is None else self.warmup,
+            check_max_batch=cuda if self.check_max_batch is None else self.check_max_batch,
+        )
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return getattr(torch, self.amp) if self.amp else None
+
+
+@dataclass
+class BenchmarkRow:
+    """ One model at one depth. Memory in MiB, times in ms; ratios are against the baseline at the same depth. """
+    model: str
+    name: str
+    depth: int
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    grad_checkpointing: bool = False
+    reversible: bool = False
+    params_m: Optional[float] = None
+    gflops: Optional[float] = None  # forward, per image
+    act_mib_per_image: Optional[float] = None  # DESIGN.md's definition, at the reference batch
+    act_slope_mib_per_image: Optional[float] = None  # the fit's per-image part
+    act_fixed_mib: Optional[float] = None  # the fit's batch-independent part
+    act_vs_baseline: Optional[float] = None
+    state_mib: Optional[float] = None  # parameters + gradients + optimizer state
+    peak_train_mib: Optional[float] = None  # a whole training step at the reference batch
+    peak_train_measured: bool = False  # False: state + batch + activation fit (CPU), True: a real step (CUDA)
+    train_img_s: Optional[float] = None
+    infer_img_s: Optional[float] = None
+    train_step_ms: Optional[float] = None
+    train_step_vs_baseline: Optional[float] = None
+    max_batch: Optional[int] = None  # largest batch whose training peak fits the budget
+    max_batch_checked: bool = False  # confirmed by one real step at that batch
+    max_batch_peak_mib: Optional[float] = None
+    error: Optional[str] = None
+
+
+def _with_baseline(specs: Sequence[ModelSpec]) -> List[ModelSpec]:
+    # ratios need the baseline measured in the same run, so it is always a row
+    specs = list(specs)
+    if not any(s.is_baseline for s in specs):
+        specs.insert(0, ModelSpec(BASELINE))
+    return specs
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def _measure_memory(spec: ModelSpec, depth: int, cfg: BenchmarkConfig) -> BenchmarkRow:
+    """ Size, FLOPs and memory of one model at one depth, with only that model on the device. """
+    model = spec.create(depth, cfg.device, **cfg.model_kwargs)
+    device = next(model.parameters()).device
+    row = BenchmarkRow(
+        model=spec.label, name=spec.name, depth=depth, kwargs=dict(spec.kwargs),
+        grad_checkpointing=spec.grad_checkpointing,
+        reversible=hasattr(model, 'set_reversible') and spec.kwargs.get('reversible', True) is not False)
+    row.params_m = count_params(model) / 1e6
+    row.gflops = count_flops(model) / 1e9
+    fit = activation_memory_fit(model, cfg.memory_batch_sizes, autocast_dtype=cfg.autocast_dtype)
+    row.act_mib_per_image = fit.per_image_at(cfg.ref_batch) / MiB
+    row.act_slope_mib_per_image = fit.per_image_bytes / MiB
+    row.act_fixed_mib = fit.fixed_bytes / MiB
+
+    optimizer = default_optimizer(model)
+    if device.type == 'cuda':
+        row.peak_train_mib = peak_training_memory(
+            model, optimizer, cfg.ref_batch, autocast_dtype=cfg.autocast_dtype) / MiB
+        row.peak_train_measured = True
+    else:
+        # a tracked step at batch 128 takes minutes on a CPU; the fit predicts it (exact at the fitted batches)
+        make_train_step_fn(model, optimizer, 1, autocast_dtype=cfg.autocast_dtype)()  # creates the optimizer state
+        row.peak_train_mib = predicted_peak_training_memory(
+            fit, training_state_bytes(model, optimizer), cfg.ref_batch, input_bytes_per_image(model)) / MiB
+    row.state_mib = training_state_bytes(model, optimizer) / MiB
+
+    check = cfg.check_max_batch
+    if check and device.type == 'cuda' and cfg.mem_budget_gib * GiB > torch.cuda.mem_get_info(device)[1]:
+        check = False  # the budget is larger than this device: a real step could not confirm it
+    batch, peak = largest_batch_in_budget(
+        model, optimizer, fit, cfg.mem_budget_gib * GiB, autocast_dtype=cfg.autocast_dtype, check=check)
+    row.max_batch, row.max_batch_checked = batch, peak is not None
+    row.max_batch_peak_mib = None if peak is None else peak / MiB
+    del model, optimizer
+    _free(device)
+    return row
+
+
+def _time_depth(
+        specs: Sequence[ModelSpec],
+        rows: Mapping[str, BenchmarkRow],
+        depth: int,
+        cfg: BenchmarkConfig,
+        on_round=None,
+) -> None:
+    """ Train-step and inference times of all models at one depth, round-robin in one loop each. """
+    models = {s.label: s.create(depth, cfg.device, **cfg.model_kwargs) for s in specs}
+    train = time_train_steps(
+        models, cfg.batch_size, cfg.repeats, cfg.warmup, autocast_dtype=cfg.autocast_dtype, on_round=on_round)
+    infer = time_inference(
+        models, cfg.batch_size, cfg.repeats, cfg.warmup, autocast_dtype=cfg.autocast_dtype, on_round=on_round)
+    for label in models:
+        row = rows[label]
+        row.train_step_ms = statistics.median(train[label]) * 1e3
+        row.train_img_s = throughput(train[label], cfg.batch_size)
+        row.infer_img_s = throughput(infer[label], cfg.batch_size)
+    device = next(next(iter(models.values())).parameters()).device
+    del models
+    _free(device)
+
+
+def run_benchmark(
+        specs: Optional[Sequence[ModelSpec]] = None,
+        config: Optional[BenchmarkConfig] = None,
+        progress: bool = True,
+) -> List[BenchmarkRow]:
+    """ Measure every spec at every depth. The baseline is always included (the ratios need it).
+
+    Per depth: memory, size and FLOPs model by model (only one model on the device at a time, so peaks are
+    its own), then train-step and inference times of all models together, alternating, so the speed ratios
+    come from one run. A model that fails gets a row with `error` set and is left out of the timing.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = (config or BenchmarkConfig()).resolved()
+    specs = _with_baseline(specs if specs is not None else default_model_specs())
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'Duplicate model specs: {labels}.')
+    torch.manual_seed(0)
+
+    rounds = 2 * (cfg.warmup + cfg.repeats)
+    results: List[BenchmarkRow] = []
+    with tqdm(total=len(cfg.depths) * (len(specs) + rounds), disable=not progress, unit='task') as bar:
+        for depth in cfg.depths:
+            rows: Dict[str, BenchmarkRow] = {}
+            for spec in specs:
+                bar.set_description(f'memory {spec.label} depth {depth}')
+                try:
+                    rows[spec.label] = _measure_memory(spec, depth, cfg)
+                except Exception as e:  # report the failure as a row and go on with the other models
+                    rows[spec.label] = BenchmarkRow(
+                        model=spec.label, name=spec.name, depth=depth, kwargs=dict(spec.kwargs),
+                        grad_checkpointing=spec.grad_checkpointing, error=f'{type(e).__name__}: {e}')
+                    _free(torch.device(cfg.device))
+                bar.update()
+
+            working = [s for s in specs if rows[s.label].error is None]
+            bar.set_description(f'timing {len(working)} models depth {depth}')
+            if working:
+                _time_depth(working, rows, depth, cfg, on_round=lambda _: bar.update())
+            else:
+                bar.update(rounds)
+
+            base = next((rows[s.label] for s in specs if s.is_baseline), None)
+            for row in rows.values():
+                if base is not None and base.error is None and row.error is None:
+                    row.act_vs_baseline = row.act_mib_per_image / base.act_mib_per_image
+                    row.train_step_vs_baseline = row.train_step_ms / base.train_step_ms
+            results.extend(rows[s.label] for s in specs)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Targets (project goals, reported as figures, never asserted)
+
+def _find(rows: Sequence[BenchmarkRow], name: str, depth: int, grad_checkpointing: bool = False) -> Optional[BenchmarkRow]:
+    return next((r for r in rows if r.name == name and r.depth == depth and not r.kwargs
+                 and r.grad_checkpointing == grad_checkpointing and r.error is None), None)
+
+
+def target_checks(rows: Sequence[BenchmarkRow]) -> List[Dict[str, Any]]:
+    """ The project's memory and speed targets, evaluated on the rows that exist. """
+    checks = []
+
+    def add(target: str, value: float, limit: float, strict: bool = False) -> None:
+        ok = value < limit if strict else value <= limit
+        checks.append(dict(target=target, value=round(value, 4), limit=round(limit, 4), met=bool(ok)))
+
+    for depth in sorted({r.depth for r in rows}):
+        base = _find(rows, BASELINE, depth)
+        ckpt = _find(rows, BASELINE, depth, grad_checkpointing=True)
+        rev = _find(rows, 'revvit_small_cifar', depth)
+        if rev and base and depth in (6, 24):
+            limit = 0.25 if depth == 6 else 0.07
+            add(f'revvit / vanilla activation memory, depth {depth}', rev.act_vs_baseline, limit)
+        if rev and ckpt:
+            add(f'revvit activation memory below vanilla + grad ckpt, depth {depth} (MiB/img)',
+                rev.act_mib_per_image, ckpt.act_mib_per_image, strict=True)
+        for r in rows:
+            if r.depth != depth or r.error is not None:
+                continue
+            if rev and r.name in ('bdia_vit_small_cifar', 'momentum_revvit_small') and r.reversible:
+                split = any('split' in k for k in r.kwargs)
+                add(f'{r.model} / revvit activation memory, depth {depth}',
+                    r.act_mib_per_image / rev.act_mib_per_image, 1.10 if split else 1.25)
+            if r.reversible and r.train_step_vs_baseline is not None:
+                add(f'{r.model} / vanilla train-step time, depth {depth} (floor 4/3)', r.train_step_vs_baseline, 1.35)
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return '-'
+    if isinstance(value, float):
+        if math.isnan(value):
+            return '-'
+        return f'{value:,.{digits}f}'
+    return str(value)
+
+
+def _table_cells(rows: Sequence[BenchmarkRow], ref_batch: int, budget_gib: float) -> Tuple[List[str], List[List[str]]]:
+    header = [
+        'model', 'depth', 'params M', 'GFLOPs', 'act MiB/img', f'act x {BASELINE}',
+        f'peak MiB @{ref_batch}', 'train img/s', 'infer img/s', f'step x {BASELINE}', f'max batch @{budget_gib:g} GiB']
+    body = []
+    for r in rows:
+        if r.error is not None:
+            body.append([r.model, str(r.depth), f'error: {r.error}'] + [''] * (len(header) - 3))
+            continue
+        peak = _fmt(r.peak_train_mib, 0) + ('' if r.peak_train_measured else '*')
+        max_batch = _fmt(r.max_batch) + (' ok' if r.max_batch_checked else '*')
+        body.append([
+            r.model, str(r.depth), _fmt(r.params_m), _fmt(r.gflops, 3), _fmt(r.act_mib_per_image),
+            _fmt(r.act_vs_baseline, 3), peak, _fmt(r.train_img_s, 1), _fmt(r.infer_img_s, 1),
+            _fmt(r.train_step_vs_baseline, 3), max_batch])
+    return header, body
+
+
+def format_table(rows: Sequence[BenchmarkRow], ref_batch: int = 128, budget_gib: float = 8.0) -> str:
+    """ Plain-text table for the terminal. """
+    header, body = _table_cells(rows, ref_batch, budget_gib)
+    widths = [max(len(line[i]) for line in [header] + [b for b in body if not b[2].startswith('error')])
+              for i in range(len(header))]
+    lines = []
+    for line in [header] + body:
+        if line[2].startswith('error'):
+            lines.append(f'{line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]}')
+            continue
+        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
+        lines.append('  '.join(cells))
+        if line is header:
+            lines.append('  '.join('-' * w for w in widths))
+    return '\n'.join(lines)
+
+
+def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] + ['---:'] * (len(header) - 1)) + '|']
+    lines += ['| ' + ' | '.join(c.replace('|', '\\|') for c in line) + ' |' for line in body]
+    return '\n'.join(lines)
+
+
+def _reference_comparison(rows: Sequence[BenchmarkRow], ref_batch: int) -> str:
+    """ The reference study's figures beside ours for the models it reports (depth 6, default width). """
+    ref = REFERENCE_STUDY
+    ours_base = _find(rows, BASELINE, 6)
+    header = ['model', 'reference study: peak MiB', 'reference study: x ViT', f'ours: peak MiB @{ref_batch}',
+              'ours: x ViT', 'ours: act MiB/img', 'reference study: top-1 %']
+    body = []
+    for name, fig in ref['models'].items():
+        ours = _find(rows, name, 6)
+        ours_ratio = ours.peak_train_mib / ours_base.peak_train_mib if ours and ours_base else None
+        body.append([
+            f"{fig['label']} ({name})", _fmt(float(fig['peak_mib']), 0),
+            _fmt(fig['peak_mib'] / ref['models'][BASELINE]['peak_mib'], 3),
+            _fmt(ours.peak_train_mib, 0) if ours else 'not measured', _fmt(ours_ratio, 3),
+            _fmt(ours.act_mib_per_image) if ours else '-', _fmt(fig['top1'])])
+    size = (f"Size: the reference study reports {ref['params_m']}M params and {ref['gflops']} GFLOPs; "
+            + (f'ours ({BASELINE}, depth 6): {_fmt(ours_base.params_m)}M params, {_fmt(ours_base.gflops, 3)} GFLOPs.'
+               if ours_base else f'{BASELINE} at depth 6 was not measured in this run.'))
+    return '\n'.join([
+        f"Reference figures: {ref['description']}. Ours: this run, depth 6, peak of a whole training step "
+        f'(parameters, gradients, AdamW state, batch, activations) at batch {ref_batch}. Accuracy is not '
+        'measured by this benchmark.', '', _markdown_table(header, body), '', size])
+
+
+def markdown_report(rows: Sequence[BenchmarkRow], meta: Mapping[str, Any]) -> str:
+    """ results.md: how the figures were made, the table, the reference study beside ours, the targets. """
+    ref_batch, budget = meta['ref_batch'], meta['mem_budget_gib']
+    header, body = _table_cells(rows, ref_batch, budget)
+    checks = target_checks(rows)
+    lines = [
+        '# timm-reversible benchmark', '',
+        f"Command: `{meta['command']}`  ",
+        f"Date: {meta['date']}  ",
+        f"Machine: {meta['machine']}  ",
+        f"Settings: device {meta['device']}, {meta['precision']}, timing batch {meta['batch_size']} "
+        f"({meta['warmup']} warm-up + {meta['repeats']} timed rounds, medians), memory fitted at batches "
+        f"{meta['memory_batch_sizes'][0]} and {meta['memory_batch_sizes'][1]}, reported at batch {ref_batch}, "
+        f"budget {budget:g} GiB.", '',
+        _markdown_table(header, body), '',
+        f'- act MiB/img: activation memory per image (DESIGN.md: peak of live tensors during forward + backward '
+        f'minus what was held before, over the batch) at batch {ref_batch}, from the linear fit through the two '
+        f"measured batches; {meta['memory_method']}.",
+        f'- act x / step x {BASELINE}: ratio to {BASELINE} at the same depth; step = zero_grad + forward + backward '
+        f'+ AdamW step, all models timed round-robin in one loop.',
+        f'- peak MiB @{ref_batch}: whole training step (parameters, gradients, AdamW state, batch, activations); '
+        '`*` = predicted from the fit (exact at the fitted batches on CPU), otherwise measured.',
+        f'- max batch @{budget:g} GiB: largest batch whose training peak fits the budget, from the per-image and '
+        'fixed costs; `ok` = confirmed by one real step at that batch, `*` = computed only.',
+        '- train / infer img/s: throughput at the timing batch, warm-up excluded, device synchronised.',
+        '', '## Reference study', '', _reference_comparison(rows, ref_batch), '',
+    ]
+    if checks:
+        lines += ['## Targets', '', '| target | value | limit | met |', '|---|---:|---:|---|']
+        lines += [f"| {c['target']} | {c['value']:.3f} | {c['limit']:.3f} | {'yes' if c['met'] else 'no'} |"
+                  for c in checks]
+        lines.append('')
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+
+def _by_model(rows: Sequence[BenchmarkRow]) -> Dict[str, List[BenchmarkRow]]:
+    out: Dict[str, List[BenchmarkRow]] = {}
+    for r in rows:
+        if r.error is None:
+            out.setdefault(r.model, []).append(r)
+    return {k: sorted(v, key=lambda r: r.depth) for k, v in out.items()}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')  # files only: works without a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_memory_vs_depth(rows: Sequence[BenchmarkRow], path: os.PathLike, title_suffix: str = '') -> Path:
+    """ Activation memory per image against depth, one line per model. """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, series in _by_model(rows).items():
+        ax.plot([r.depth for r in series], [r.act_mib_per_image for r in series], marker='o', label=label)
+    depths = sorted({r.depth for r in rows})
+    ax.set_xticks(depths)
+    ax.set_xlabel('depth (blocks)')
+    ax.set_ylabel('activation memory per image (MiB)')
+    ax.set_ylim(bottom=0)
+    ax.set_title('Activation memory per image vs depth' + title_suffix)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_memory_vs_throughput(rows: Sequence[BenchmarkRow], path: os.PathLike, title_suffix: str = '') -> Path:
+    """ Activation memory per image against training throughput; one colour per model, points labelled by depth. """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, series in _by_model(rows).items():
+        series = [r for r in series if r.train_img_s is not None]
+        xs, ys = [r.train_img_s for r in series], [r.act_mib_per_image for r in series]
+        ax.plot(xs, ys, marker='o', linestyle=':', label=label)
+        for r, x, y in zip(series, xs, ys):
+            ax.annotate(f'd{r.depth}', (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7)
+    ax.set_xlabel('training throughput (img/s)')
+    ax.set_ylabel('activation memory per image (MiB)')
+    ax.set_ylim(bottom=0)
+    ax.set_title('Memory vs training speed' + title_suffix)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+
+def machine_info(device: str) -> str:
+    """ A one-line description of where the figures were measured. """
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        where = torch.cuda.get_device_name(dev)
+    else:
+        where = platform.processor() or platform.machine()
+        try:
+            with open('/proc/cpuinfo') as f:
+                where = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), where)
+        except OSError:
+            pass
+        where += f', {torch.get_num_threads()} threads'
+    return f'{where}; torch {torch.__version__}, timm {timm.__version__}'
+
+
+def write_report(rows: Sequence[BenchmarkRow], meta: Mapping[str, Any], out_dir: os.PathLike) -> Dict[str, Path]:
+    """ results.json, results.md, memory_vs_depth.png and memory_vs_throughput.png in `out_dir`. """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = f" ({meta['device']}, batch {meta['ref_batch']})"
+    paths = {
+        'json': out / 'results.json',
+        'markdown': out / 'results.md',
+        'memory_vs_depth': plot_memory_vs_depth(rows, out / 'memory_vs_depth.png', suffix),
+        'memory_vs_throughput': plot_memory_vs_throughput(rows, out / 'memory_vs_throughput.png', suffix),
+    }
+    payload = {
+        'meta': dict(meta),
+        'reference_study': REFERENCE_STUDY,
+        'rows': [asdict(r) for r in rows],
+        'targets': target_checks(rows),
+    }
+    paths['json'].write_text(json.dumps(payload, indent=2, default=str) + '\n')
+    paths['markdown'].write_text(markdown_report(rows, meta))
+    return paths
