@@ -35,7 +35,7 @@ RESULTS = dict(
     model='vit_small_cifar', model_args={}, dataset='digits', num_classes=10, img_size=32,
     best_top1=0., best_top5=0., best_epoch=0, epochs=1, train_loss=0., wall_time_s=4.2,
     peak_memory_mib=None, device='cpu', num_processes=1, mixed_precision='no',
-    recipe=dict(opt='adamw', lr=3e-3, batch_size=32, sched='cosine'), weights='model')
+    recipe=dict(opt='adamw', lr=3e-3, batch_size=32, sched='cosine', aa=None, output='/home/me/runs'), weights='model')
 
 
 def digits(n: int, offset: int = 0):
@@ -157,7 +157,8 @@ def test_card_renders_the_measured_figures(published, run):
     assert 'Image size: 32 x 32' in readme
     assert f"top-1 {results['best_top1']:.2f} %, top-5 {results['best_top5']:.2f} %" in readme
     assert f"| **vit_small_cifar** (this run) | 1 | vanilla |" in readme
-    assert 'lr: 0.003' in readme  # the recipe
+    assert 'lr: 0.003' in readme and 'opt: adamw' in readme  # the recipe, without local paths and unset values
+    assert '/home/me' not in readme and 'aa:' not in readme
     assert '$' not in readme
     blocks = _python_blocks(readme)
     assert blocks and all(b.startswith('import timm_reversible') for b in blocks)

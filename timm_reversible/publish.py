@@ -79,7 +79,7 @@ CARD_FIELDS = {
     'num_processes': 'number of training processes',
     'mixed_precision': 'mixed precision mode of training',
     'weights': "which weights are published: the model's or their EMA",
-    'recipe_yaml': 'training recipe (results.json), YAML',
+    'recipe_yaml': 'training recipe (results.json) without local paths and unset values, YAML',
     'comparison_table': 'Markdown table: this model and the benchmark rows',
 }
 
@@ -322,6 +322,18 @@ def _comparison_table(run: Run, figures: Dict[str, Any], benchmark: Optional[Ben
             f'same depth and measurement; it does not train, so no accuracy.\n')
 
 
+# Arguments of a training run that describe the machine it ran on, not the recipe; kept off the card.
+LOCAL_RECIPE_KEYS = (
+    'output', 'experiment', 'data_dir', 'resume', 'initial_checkpoint', 'config', 'workers', 'log_interval',
+    'checkpoint_hist', 'dataset_download',
+)
+
+
+def public_recipe(recipe: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """ The training recipe for the card: without local paths and machine settings, without unset (None) values. """
+    return {k: v for k, v in (recipe or {}).items() if k not in LOCAL_RECIPE_KEYS and v is not None}
+
+
 def card_fields(
         run: Run,
         repo_id: str,
@@ -362,7 +374,7 @@ def card_fields(
         num_processes=str(results['num_processes']),
         mixed_precision=str(results['mixed_precision']),
         weights='EMA of the model weights' if results['weights'] == 'ema' else 'model weights (no EMA)',
-        recipe_yaml=yaml.safe_dump(results['recipe'] or {}, sort_keys=True, default_flow_style=False).rstrip(),
+        recipe_yaml=yaml.safe_dump(public_recipe(results['recipe']), sort_keys=True, default_flow_style=False).rstrip(),
         comparison_table=_comparison_table(run, figures, benchmark),
     )
     assert set(fields) == set(CARD_FIELDS)
