@@ -1,6 +1,7 @@
 """ Publishing a run: files, card, local-dir loading and the upload, all offline. """
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import runpy
@@ -287,13 +288,16 @@ def test_registered_name_needs_the_tag_dataset_and_default_architecture(run, tmp
         pub.publish(cifar, 'tester/vit_small_cifar.in1k', dry_run=True, local_dir=tmp_path / 'c')
 
 
-def benchmark_file(path: Path, *rows: dict, **meta) -> Path:
-    """ A results.json in the format of scripts/benchmark.py: meta + one row per model and depth. """
-    def row(name, depth, act, params_m, gflops=None, grad_checkpointing=False, reversible=False, kwargs=None):
-        label = name + (' + grad ckpt' if grad_checkpointing else '')
-        return dict(model=label, name=name, depth=depth, kwargs=kwargs or {}, grad_checkpointing=grad_checkpointing,
-                    reversible=reversible, params_m=params_m, gflops=gflops, act_mib_per_image=act, error=None)
-    meta = dict(dict(device='cpu', precision='fp32', ref_batch=128, model_kwargs={}), **meta)
+def benchmark_file(path: Path, *rows: dict, **model_kwargs) -> Path:
+    """ A results.json as scripts/benchmark.py writes it (its meta and BenchmarkRow fields), figures made up. """
+    from timm_reversible.benchmarking import BenchmarkRow, ModelSpec
+
+    def row(name, depth, act, params_m, gflops=None, grad_checkpointing=False, reversible=False):
+        label = ModelSpec(name, grad_checkpointing=grad_checkpointing).label
+        return dataclasses.asdict(BenchmarkRow(
+            model=label, name=name, depth=depth, grad_checkpointing=grad_checkpointing, reversible=reversible,
+            params_m=params_m, gflops=gflops, act_mib_per_image=act))
+    meta = dict(device='cpu', precision='fp32', ref_batch=128, model_kwargs=model_kwargs)
     path.write_text(json.dumps(dict(meta=meta, rows=[row(**r) for r in rows], targets=[])))
     return path
 
