@@ -16,6 +16,11 @@ depth and mode), else measured on the CPU with `activation_memory_per_image`.
 
 Card templates use `string.Template` placeholders (`${name}`); `CARD_FIELDS` lists them. A template
 that names an unknown placeholder fails loudly.
+
+Checks, all before anything is written or sent: the run has finished (results.json) and has safetensors
+weights; the Hub token exists (`hf auth login` or HF_TOKEN) unless it is a dry run; a repository named
+`<model>.<tag>`, which `timm.create_model('<model>.<tag>', pretrained=True)` resolves to, receives only a
+run on the tag's dataset that the registered model with its default arguments reproduces exactly.
 """
 import json
 import math
@@ -24,7 +29,7 @@ import string
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import yaml
@@ -35,9 +40,9 @@ from ._hub import HUB_NAMESPACE_ENV, TAG_DATASETS, hub_namespace
 from .profiling import activation_memory_per_image, count_flops, count_params
 
 __all__ = [
-    'PublishError', 'Run', 'load_run', 'Benchmark', 'PUBLISHED_FILES', 'CARD_FIELDS', 'card_template_path', 'model_figures',
-    'read_benchmark', 'benchmark_row', 'card_fields', 'render_card', 'build_card', 'check_repo_id',
-    'check_registry_name', 'check_folder', 'stage', 'hub_token', 'upload', 'PublishResult', 'publish',
+    'PublishError', 'Run', 'load_run', 'load_run_model', 'Benchmark', 'PUBLISHED_FILES', 'CARD_FIELDS',
+    'card_template_path', 'model_figures', 'read_benchmark', 'benchmark_row', 'card_fields', 'render_card',
+    'build_card', 'check_repo_id', 'check_registry_name', 'check_folder', 'stage', 'hub_token', 'upload', 'PublishResult', 'publish',
 ]
 
 PUBLISHED_FILES = ('model.safetensors', 'config.json', 'README.md')
@@ -228,8 +233,8 @@ def benchmark_row(bench: Benchmark, model_name: str, depth: Optional[int], mode:
     row = found[0]
     if row.get('params_m') is not None and abs(row['params_m'] * 1e6 - params) > 0.5:
         raise PublishError(
-            f'The benchmark {bench.name} measured {model_name} at depth {depth} with {row["params_m"]:.4f}M parameters, '
-            f'the run\'s model has {params / 1e6:.4f}M: another width (benchmark model kwargs '
+            f'The benchmark {bench.name} measured {model_name} at depth {depth} with {row["params_m"]:.4f}M '
+            f'parameters, the run\'s model has {params / 1e6:.4f}M: another width (benchmark model kwargs '
             f'{bench.meta.get("model_kwargs", {})}). Benchmark the run\'s size, or leave out --benchmark.')
     return row
 
@@ -422,7 +427,8 @@ def check_registry_name(run: Run, repo_id: str, model: torch.nn.Module) -> None:
     model_tag = f'{run.architecture}.{tag}'
     if model_tag not in timm.list_pretrained(model_tag):
         raise PublishError(
-            f'{model_tag!r} is not a registered pretrained tag (known: {", ".join(timm.list_pretrained(run.architecture + ".*"))}); '
+            f'{model_tag!r} is not a registered pretrained tag '
+            f'(known: {", ".join(timm.list_pretrained(run.architecture + ".*"))}); '
             f'name the repository differently, e.g. {run.architecture}-{tag}.')
     expected = TAG_DATASETS.get(tag)
     if expected and _dataset_key(expected[0]) != _dataset_key(str(run.results['dataset'])):
