@@ -8,7 +8,7 @@
   recipes use (timm's own crop modes are random-resized crops).
 """
 import random
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
