@@ -558,6 +558,25 @@ def _yaml_safe(args: argparse.Namespace) -> Dict[str, Any]:
     return yaml.safe_load(yaml.safe_dump(vars(args), default_flow_style=False))
 
 
+# flags that may change between a run and its resumption without changing what is trained
+_RESUME_FREE = {'resume', 'experiment', 'output', 'workers', 'log_interval', 'checkpoint_hist', 'config',
+                'validation_batch_size', 'data_dir', 'dataset_download'}
+
+
+def _warn_changed_args(args: argparse.Namespace, args_yaml: str) -> None:
+    # the state restores the weights, optimizer, schedule and RNG, not the recipe: a resumed run
+    # continues exactly only with the flags it was started with
+    if not os.path.isfile(args_yaml):
+        return
+    with open(args_yaml) as f:
+        before = yaml.safe_load(f) or {}
+    now = _yaml_safe(args)
+    changed = sorted(k for k in set(before) | set(now) if k not in _RESUME_FREE and before.get(k) != now.get(k))
+    if changed:
+        _logger.warning('Resuming with flags that differ from the run\'s args.yaml: ' + ', '.join(
+            f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """ Train as the command line says; returns the contents of results.json. """
     args = parse_args(argv)
@@ -714,6 +733,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
 
     if ckpt_dir is not None:
+        _warn_changed_args(args, os.path.join(resume_exp, 'args.yaml'))
         accelerator.load_state(ckpt_dir)
         if accelerator.is_main_process:
             _restore_outputs(ckpt_dir, resume_exp, exp_dir, progress.epoch)
