@@ -40,7 +40,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='the two batches the memory fit is measured at (default: 4 8 on CPU, 64 128 on CUDA)')
     parser.add_argument('--ref-batch', type=int, default=128,
                         help='batch the per-image and peak memory are reported at (default: 128)')
-    parser.add_argument('--repeats', type=int, help='timed rounds (default: 5 on CPU, 20 on CUDA)')
+    parser.add_argument('--repeats', type=int, help='timed rounds (default: 3 on CPU, 20 on CUDA)')
     parser.add_argument('--warmup', type=int, help='untimed rounds first (default: 1 on CPU, 3 on CUDA)')
     parser.add_argument('--amp', nargs='?', const='bfloat16', choices=['bfloat16', 'float16'],
                         help='autocast in this dtype (bare --amp: bfloat16); fp32 without it')

@@ -122,3 +122,12 @@ def test_timing_functions_run_a_real_step():
         assert set(times) == {'a', 'b'} and all(len(t) == 2 and min(t) > 0 for t in times.values())
     ratio = train_step_time_ratio(models['a'], models['b'], batch_size=2, repeats=1, warmup=0)
     assert math.isfinite(ratio) and ratio > 0
+
+
+def test_peak_only_tracker_agrees_with_memtracker(monkeypatch):
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from timm_reversible import profiling
+    model = timm.create_model('vit_small_cifar', **SMALL)
+    fast = activation_memory_per_image(model, batch_size=2)
+    monkeypatch.setattr(profiling, '_mem_tracker', MemTracker)
+    assert activation_memory_per_image(model, batch_size=2) == fast

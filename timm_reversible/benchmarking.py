@@ -136,7 +136,7 @@ class BenchmarkConfig:
     batch_size: Optional[int] = None  # timing batch: 16 on CPU, 128 on CUDA
     memory_batch_sizes: Optional[Tuple[int, int]] = None  # the fit's two batches: (4, 8) on CPU, (64, 128) on CUDA
     ref_batch: int = 128  # batch the per-image and peak figures are reported at (DESIGN.md, reference study)
-    repeats: Optional[int] = None  # timed rounds: 5 on CPU, 20 on CUDA
+    repeats: Optional[int] = None  # timed rounds: 3 on CPU, 20 on CUDA
     warmup: Optional[int] = None  # untimed rounds first: 1 on CPU, 3 on CUDA
     amp: Optional[str] = None  # autocast dtype name ('bfloat16', 'float16') or None for fp32
     mem_budget_gib: float = 8.0
@@ -150,7 +150,7 @@ class BenchmarkConfig:
             depths=tuple(int(d) for d in self.depths),
             batch_size=self.batch_size or (128 if cuda else 16),
             memory_batch_sizes=tuple(self.memory_batch_sizes or ((64, 128) if cuda else (4, 8))),
-            repeats=self.repeats or (20 if cuda else 5),
+            repeats=self.repeats or (20 if cuda else 3),
             warmup=(3 if cuda else 1) if self.warmup is None else self.warmup,
             check_max_batch=cuda if self.check_max_batch is None else self.check_max_batch,
         )
@@ -209,7 +209,7 @@ def _measure_memory(spec: ModelSpec, depth: int, cfg: BenchmarkConfig) -> Benchm
     row = BenchmarkRow(
         model=spec.label, name=spec.name, depth=depth, kwargs=dict(spec.kwargs),
         grad_checkpointing=spec.grad_checkpointing,
-        reversible=hasattr(model, 'set_reversible') and spec.kwargs.get('reversible', True) is not False)
+        reversible=bool(getattr(model, 'reversible', False)))
     row.params_m = count_params(model) / 1e6
     row.gflops = count_flops(model) / 1e9
     fit = activation_memory_fit(model, cfg.memory_batch_sizes, autocast_dtype=cfg.autocast_dtype)

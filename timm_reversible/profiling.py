@@ -6,6 +6,7 @@ runs with the warm-up excluded; models compared with each other are timed round-
 a change in machine load hits them all alike.
 """
 import contextlib
+import functools
 import math
 import statistics
 import time
@@ -67,6 +68,81 @@ def train_step(
     return loss.detach()
 
 
+def _batch(model: nn.Module, batch_size: int, input_size: Optional[Sequence[int]] = None, seed: int = 0):
+    input_size = input_size or model.pretrained_cfg['input_size']
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, *input_size, generator=generator, dtype=param.dtype).to(param.device)
+    targets = torch.randint(0, max(model.num_classes, 1), (batch_size,), generator=generator).to(param.device)
+    return images, targets
+
+
+@functools.lru_cache(maxsize=None)
+def _peak_only_tracker_cls() -> type:
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class PeakOnlyMemTracker(MemTracker):
+        """ MemTracker whose global peak is all that is kept up to date.
+
+        MemTracker also keeps each module's own peak by visiting every module seen so far after every op,
+        which makes tracking quadratic in depth (most of the time of a depth-24 measurement). The global peak
+        is updated exactly as MemTracker does it, so the figures are the same.
+        """
+
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap['Total']:
+                    self._peak_mem[dev] = snap['Total']
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    probe = MemTracker()
+    internals = ('_update_peak_stats', '_curr_mem_snap', '_peak_mem', '_peak_mem_snap')
+    # another torch version may keep its state differently: then the plain (slower) tracker
+    return PeakOnlyMemTracker if all(hasattr(probe, a) for a in internals) else MemTracker
+
+
+def _mem_tracker():
+    return _peak_only_tracker_cls()()
+
+
+def _activation_bytes(
+        model: nn.Module,
+        batch_sizes: Sequence[int],
+        input_size: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        step_fn: Callable[..., torch.Tensor] = train_step,
+) -> Dict[int, float]:
+    """ Batch size -> peak minus baseline bytes of one step (the whole batch), after one shared warm-up step. """
+    model.train()
+    device = next(model.parameters()).device
+    # the warm-up allocates the gradients (then zeroed in place): the baseline is parameters + gradients
+    step_fn(model, *_batch(model, min(batch_sizes), input_size), autocast_dtype)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+
+    out = {}
+    for batch_size in batch_sizes:
+        images, targets = _batch(model, batch_size, input_size)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step_fn(model, images, targets, autocast_dtype)
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            tracker = _mem_tracker()
+            tracker.track_external(model, images, targets)
+            with tracker:
+                before = tracker.get_tracker_snapshot('current')[device]['Total']
+                step_fn(model, images, targets, autocast_dtype)
+            peak = tracker.get_tracker_snapshot('peak')[device]['Total']
+        out[batch_size] = peak - before
+        del images, targets
+    return out
+
+
 def activation_memory_per_image(
         model: nn.Module,
         batch_size: int = 8,
@@ -81,36 +157,7 @@ def activation_memory_per_image(
     is parameters + gradients for every model. CUDA: the allocator's peak; CPU: torch's MemTracker, i.e.
     deterministic tensor accounting.
     """
-    input_size = input_size or model.pretrained_cfg['input_size']
-    num_classes = model.num_classes
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, *input_size, generator=generator, dtype=dtype).to(device)
-    targets = torch.randint(0, max(num_classes, 1), (batch_size,), generator=generator).to(device)
-    model.train()
-
-    step_fn(model, images, targets, autocast_dtype)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.zero_()
-
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step_fn(model, images, targets, autocast_dtype)
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        from torch.distributed._tools.mem_tracker import MemTracker
-        tracker = MemTracker()
-        tracker.track_external(model, images, targets)
-        with tracker:
-            before = tracker.get_tracker_snapshot('current')[device]['Total']
-            step_fn(model, images, targets, autocast_dtype)
-        peak = tracker.get_tracker_snapshot('peak')[device]['Total']
-    return (peak - before) / batch_size
+    return _activation_bytes(model, [batch_size], input_size, autocast_dtype, step_fn)[batch_size] / batch_size
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,8 +197,7 @@ def activation_memory_fit(
     if len(sizes) != 2 or sizes[0] <= 0:
         raise ValueError(f'Need two different positive batch sizes, got {tuple(batch_sizes)}.')
     b1, b2 = sizes
-    measured = {
-        b: activation_memory_per_image(model, b, input_size, autocast_dtype, step_fn) * b for b in (b1, b2)}
+    measured = _activation_bytes(model, sizes, input_size, autocast_dtype, step_fn)
     per_image = (measured[b2] - measured[b1]) / (b2 - b1)
     return MemoryFit(per_image_bytes=per_image, fixed_bytes=measured[b1] - per_image * b1, measured=measured)
 
@@ -212,15 +258,6 @@ def max_batch_size(
     if per_image <= 0:
         raise ValueError(f'Per-image memory must be positive, got {per_image} bytes.')
     return max(0, math.floor((budget_bytes - state_bytes - fit.fixed_bytes) / per_image))
-
-
-def _batch(model: nn.Module, batch_size: int, input_size: Optional[Sequence[int]] = None, seed: int = 0):
-    input_size = input_size or model.pretrained_cfg['input_size']
-    param = next(model.parameters())
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, *input_size, generator=generator, dtype=param.dtype).to(param.device)
-    targets = torch.randint(0, max(model.num_classes, 1), (batch_size,), generator=generator).to(param.device)
-    return images, targets
 
 
 def _optimizer_step(
