@@ -6,6 +6,7 @@ knows no repositories; the real huggingface_hub and timm code runs on top of it.
 import base64
 import hashlib
 import json
+from pathlib import Path
 from typing import Dict, List
 
 import httpx2
@@ -136,7 +137,8 @@ def _check_clear_error(error: PretrainedWeightsNotFoundError, repo: str, reason:
     message = str(error)
     assert f"'{repo}'" in message and f'https://huggingface.co/{repo}' in message
     assert reason in message
-    assert 'scripts/train.py --model vit_small_cifar --dataset torch/cifar10' in message
+    assert ('scripts/train.py -c recipes/cifar10_vit_small.yaml --dataset torch/cifar10 --data-dir data '
+            '--dataset-download --model vit_small_cifar --output output --experiment vit_small_cifar.c10') in message
     assert f'scripts/publish.py output/vit_small_cifar.c10 --repo-id {repo}' in message
     assert HUB_NAMESPACE_ENV in message
     assert error.__cause__ is not None  # the Hub's own error stays attached
@@ -164,3 +166,10 @@ def test_pretrained_unpublished_repo_gives_clear_error(fake_hub, monkeypatch):
 def test_pretrained_false_never_touches_the_hub(fake_hub):
     timm.create_model('vit_small_cifar', **SMALL)
     assert not [u for u in fake_hub.urls() if 'vit_small_cifar' in u]
+
+
+def test_hint_names_existing_recipes():
+    repo = Path(__file__).resolve().parent.parent
+    for tag, (dataset, _, recipe) in _hub.TAG_DATASETS.items():
+        assert (repo / recipe).is_file(), recipe
+        assert yaml.safe_load((repo / recipe).read_text())['dataset'] == dataset

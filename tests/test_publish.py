@@ -2,8 +2,10 @@
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import io
 import json
+import logging
 import runpy
 import shutil
 from pathlib import Path
@@ -12,8 +14,8 @@ from typing import Tuple
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 import yaml
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
@@ -29,60 +31,54 @@ from test_hub import fake_hub  # noqa: F401  the Hub's HTTP API, in process
 MODELS = package_models()
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(embed_dim=32, depth=1, num_heads=2, mlp_ratio=1.)
 
+# A real short digits run: scripts/train.py writes the run directory that is published.
+TRAIN_ARGS = [
+    '--model', 'vit_small_cifar', '--dataset', 'digits', '--img-size', '16', '--epochs', '1', '--train-num-samples', '256',
+    '-b', '32', '--opt', 'adamw', '--lr', '3e-3', '--warmup-epochs', '0', '--workers', '0', '--log-interval', '1000',
+    '--model-kwargs', 'embed_dim=32', 'depth=1', 'num_heads=2', 'drop_path_rate=0.1',
+]
 
+# results.json of a hand-made full-size run (training one is too slow for a test)
 RESULTS = dict(
-    model='vit_small_cifar', model_args={}, dataset='digits', num_classes=10, img_size=32,
+    model='vit_small_cifar', model_args={}, dataset='torch/cifar10', num_classes=10, img_size=32,
     best_top1=0., best_top5=0., best_epoch=0, epochs=1, train_loss=0., wall_time_s=4.2,
-    peak_memory_mib=None, device='cpu', num_processes=1, mixed_precision='no',
-    recipe=dict(opt='adamw', lr=3e-3, batch_size=32, sched='cosine', aa=None, output='/home/me/runs'), weights='model')
+    peak_memory_mib=None, device='cpu', num_processes=1, mixed_precision='no', recipe=dict(opt='adamw'), weights='model')
 
 
-def digits(n: int, offset: int = 0):
-    """ sklearn's 8x8 digits as 3x32x32 images. """
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = torch.tensor(data.images[offset:offset + n], dtype=torch.float32)[:, None] / 16.
-    x = F.interpolate(x, size=32, mode='nearest').expand(-1, 3, -1, -1)
-    return (x - 0.5) / 0.5, torch.tensor(data.target[offset:offset + n])
+def train_run(output: Path, experiment: str = 'digits_run') -> Path:
+    """ `python scripts/train.py TRAIN_ARGS...`, in this process (a subprocess would import torch again). """
+    spec = importlib.util.spec_from_file_location('timm_reversible_train_for_publish', REPO / 'scripts' / 'train.py')
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    threads, level = torch.get_num_threads(), logging.getLogger().level
+    torch.set_num_threads(1)
+    try:
+        train.main(TRAIN_ARGS + ['--output', str(output), '--experiment', experiment])
+    finally:
+        torch.set_num_threads(threads)
+        logging.getLogger().setLevel(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return output / experiment
 
 
-def make_run(run_dir: Path, steps: int = 8) -> torch.nn.Module:
-    """ A short digits run, written in the run-directory format of scripts/train.py. """
-    torch.manual_seed(0)
-    model = timm.create_model('vit_small_cifar', drop_path_rate=0.1, **TINY)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    x, y = digits(256)
-    model.train()
-    for i in range(steps):
-        xb, yb = x[i * 32:][:32], y[i * 32:][:32]
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    xv, yv = digits(128, offset=1500)
-    with torch.no_grad():
-        top5 = model(xv).topk(5, dim=1).indices
-    top1 = (top5[:, 0] == yv).float().mean().item() * 100
-    top5 = (top5 == yv[:, None]).any(dim=1).float().mean().item() * 100
-    model_args = dict(drop_path_rate=0.1, **TINY)
-    run_dir.mkdir(parents=True)
-    save_for_hf(model, run_dir, model_config=dict(model_args=model_args), safe_serialization=True)
-    (run_dir / 'args.yaml').write_text(yaml.safe_dump(dict(model='vit_small_cifar', dataset='digits', epochs=1)))
-    (run_dir / 'summary.csv').write_text(f'epoch,train_loss,eval_top1,eval_top5\n0,{loss.item()},{top1},{top5}\n')
-    results = dict(
-        RESULTS, model_args=model_args, best_top1=top1, best_top5=top5, train_loss=loss.item())
-    (run_dir / 'results.json').write_text(json.dumps(results))
-    return model
+def trained_model(run_dir: Path) -> torch.nn.Module:
+    """ The run's model as training left it: its create_model kwargs and its best weights, loaded strictly. """
+    results = json.loads((run_dir / 'results.json').read_text())
+    model = timm.create_model(results['model'], **results['model_args'])
+    model.load_state_dict(load_file(run_dir / 'model.safetensors'))
+    return model.eval()
+
+
+def images(run_dir: Path, n: int = 4) -> torch.Tensor:
+    size = json.loads((run_dir / 'results.json').read_text())['img_size']
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(3))
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp('output') / 'digits_run'
-    model = make_run(run_dir)
-    return run_dir, model
+    run_dir = train_run(tmp_path_factory.mktemp('output'))
+    return run_dir, trained_model(run_dir)
 
 
 def publish_cli(*argv: str) -> Tuple[int, str, str]:
@@ -120,10 +116,10 @@ def test_dry_run_writes_exactly_the_published_files(published, run):
 
 def test_local_dir_model_equals_trained_model(published, run):
     folder, _ = published
-    _, trained = run
+    run_dir, trained = run
     model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     assert isinstance(model, type(trained))
-    x, _ = digits(8, offset=1700)
+    x = images(run_dir)
     with torch.no_grad():
         assert torch.equal(model(x), trained.eval()(x))
     trained_state = trained.state_dict()
@@ -150,16 +146,21 @@ def test_card_renders_the_measured_figures(published, run):
     assert meta['library_name'] == 'timm' and meta['license'] == 'apache-2.0' and meta['datasets'] == ['digits']
     assert '# Model card for vit_small_cifar-digits' in readme
     # figures measured from the model and read from results.json, not typed
-    measured = copy.deepcopy(trained)
+    size = (3, results['img_size'], results['img_size'])
     assert f'Params (M): {pub._sig(count_params(trained) / 1e6)}\n' in readme
-    assert f'GMACs: {pub._sig(count_flops(trained) / 2 / 1e9)}\n' in readme
-    act = activation_memory_per_image(measured, batch_size=4) / 2 ** 20
+    assert f'GMACs: {pub._sig(count_flops(trained, input_size=size) / 2 / 1e9)}\n' in readme
+    act = activation_memory_per_image(copy.deepcopy(trained), batch_size=4, input_size=size) / 2 ** 20
     assert f'(MiB, training step): {act:.2f}, measured on the CPU' in readme
-    assert 'Image size: 32 x 32' in readme
-    assert f"top-1 {results['best_top1']:.2f} %, top-5 {results['best_top5']:.2f} %" in readme
-    assert f"| **vit_small_cifar** (this run) | 1 | vanilla |" in readme
-    assert 'lr: 0.003' in readme and 'opt: adamw' in readme  # the recipe, without local paths and unset values
-    assert '/home/me' not in readme and 'aa:' not in readme
+    assert f"Image size: {results['img_size']} x {results['img_size']}\n" in readme
+    assert f"top-1 {results['best_top1']:.2f} %, top-5 {results['best_top5']:.2f} % (best epoch 0 of 1)" in readme
+    assert f"final train loss {results['train_loss']:.4f}" in readme
+    assert f"| **vit_small_cifar** (this run) | 1 | vanilla | {pub._sig(count_params(trained) / 1e6)} |" in readme
+    model_args = readme.split('**Model arguments:** `')[1].split('`')[0]
+    assert model_args == ', '.join(f'{k}={v!r}' for k, v in json.loads((folder / 'config.json').read_text())['model_args'].items())
+    assert 'embed_dim=32' in model_args and 'drop_path_rate=0.1' in model_args
+    # the recipe, without local paths and unset values
+    assert 'lr: 0.003' in readme and 'opt: adamw' in readme and 'train_num_samples: 256' in readme
+    assert str(run_dir.parent) not in readme and 'output:' not in readme and 'aa:' not in readme
     assert '$' not in readme
     blocks = _python_blocks(readme)
     assert blocks and all(b.startswith('import timm_reversible') for b in blocks)
@@ -263,7 +264,7 @@ def test_upload_sends_the_files_to_the_repo(run, published, fake_hub, monkeypatc
 
     # and back: the published repository creates the trained model (config.json's architecture and model_args)
     model = timm.create_model('hf-hub:tester/vit_small_cifar-digits', pretrained=True).eval()
-    x, _ = digits(8, offset=1700)
+    x = images(run_dir)
     with torch.no_grad():
         assert torch.equal(model(x), trained.eval()(x))
 

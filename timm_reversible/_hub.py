@@ -34,10 +34,9 @@ HUB_NAMESPACE_ENV = 'TIMM_REVERSIBLE_HUB_NAMESPACE'
 DEFAULT_HUB_NAMESPACE = 'timm-reversible'
 HUB_WEIGHTS_FILE = 'model.safetensors'
 
-# Pretrained tag -> (the train script's --dataset, display name); the tag names the training data.
+# Pretrained tag -> (the train script's --dataset, display name, its recipe); the tag names the training data.
 TAG_DATASETS: Dict[str, tuple] = {
-    'c10': ('torch/cifar10', 'CIFAR-10'),
-    'c100': ('torch/cifar100', 'CIFAR-100'),
+    'c10': ('torch/cifar10', 'CIFAR-10', 'recipes/cifar10_vit_small.yaml'),
 }
 
 # Hub ids made by `hub_id` -> the model tag they were made for, to re-point them when the namespace changes.
@@ -65,10 +64,13 @@ class PretrainedWeightsNotFoundError(RuntimeError):
 def pretrained_hint(model_tag: str, repo_id: str) -> str:
     """ What to run so that `timm.create_model(model_tag, pretrained=True)` finds weights in `repo_id`. """
     model_name, _, tag = model_tag.partition('.')
-    dataset = TAG_DATASETS.get(tag, ('<dataset>',))[0]
+    if tag in TAG_DATASETS:
+        data = f'-c {TAG_DATASETS[tag][2]} --dataset {TAG_DATASETS[tag][0]}'
+    else:
+        data = '--dataset <dataset>'
     return (
-        f'  accelerate launch scripts/train.py --model {model_name} --dataset {dataset} --dataset-download '
-        f'--data-dir data --output output --experiment {model_tag}\n'
+        f'  accelerate launch scripts/train.py {data} --data-dir data --dataset-download --model {model_name} '
+        f'--output output --experiment {model_tag}\n'
         f'  python scripts/publish.py output/{model_tag} --repo-id {repo_id}'
     )
 

@@ -35,6 +35,7 @@ import torch
 import yaml
 
 import timm
+from timm.models import get_model_input_config
 
 from ._hub import HUB_NAMESPACE_ENV, TAG_DATASETS, hub_namespace
 from .profiling import activation_memory_per_image, count_flops, count_params
@@ -169,6 +170,11 @@ def _model_depth(model: torch.nn.Module) -> Optional[int]:
     return len(blocks) if blocks is not None else None
 
 
+def _input_size(model: torch.nn.Module) -> tuple:
+    """ The input the model takes as built (its pretrained_cfg keeps the registered size when img_size differs). """
+    return tuple(get_model_input_config(model)['input_size'])
+
+
 def _model_mode(model: torch.nn.Module) -> str:
     """ How the model runs its blocks by default: 'reversible' or 'vanilla'. """
     return 'reversible' if getattr(model, 'reversible', False) else 'vanilla'
@@ -247,9 +253,10 @@ def model_figures(
     """ Params, GMACs and activation memory per image of `model` (all measured, none typed). """
     name = model.pretrained_cfg['architecture']
     depth, mode = _model_depth(model), _model_mode(model)
+    input_size = _input_size(model)
     figures = dict(
         params=count_params(model),
-        gmacs=count_flops(model) / 2 / 1e9,
+        gmacs=count_flops(model, input_size=input_size) / 2 / 1e9,
         depth=depth,
         mode=mode,
     )
@@ -264,7 +271,7 @@ def model_figures(
             details.append(str(meta['machine']))
         figures['act_source'] = f'from the benchmark ({benchmark.name}' + ''.join(f', {d}' for d in details) + ')'
     else:
-        figures['act_bytes'] = activation_memory_per_image(model, batch_size=act_batch_size)
+        figures['act_bytes'] = activation_memory_per_image(model, batch_size=act_batch_size, input_size=input_size)
         model.eval()
         figures['act_source'] = f'measured on the CPU (torch MemTracker), fp32, batch {act_batch_size}'
     return figures
@@ -439,7 +446,7 @@ def check_registry_name(run: Run, repo_id: str, model: torch.nn.Module) -> None:
     try:
         registered = timm.create_model(
             model_tag, pretrained=True, pretrained_cfg_overlay=dict(file=str(run.weights))).eval()
-        x = torch.randn(2, *model.pretrained_cfg['input_size'], generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, *_input_size(model), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             if not torch.equal(registered(x), model(x)):
                 reason = 'its outputs differ from the run\'s'
