@@ -365,3 +365,35 @@ def test_published_weights_load_with_the_registered_name(fake_hub, monkeypatch, 
         assert torch.equal(model(x), trained(x))
     downloads = [u for u in fake_hub.urls() if '/resolve/' in u]
     assert not [u for u in downloads if u.endswith('.bin')]
+
+
+def _run_card_code(readme: str, folder: Path, workdir: Path, monkeypatch) -> None:
+    """ Run every Python block of a card against the published folder, on a made-up image. """
+    from PIL import Image
+    size = json.loads((folder / 'config.json').read_text())['pretrained_cfg']['input_size'][-1]
+    Image.fromarray(torch.randint(0, 255, (size, size, 3), dtype=torch.uint8).numpy()).save(workdir / 'image.png')
+    monkeypatch.chdir(workdir)
+    load_name = readme.split("timm.create_model('")[1].split("'")[0]
+    blocks = _python_blocks(readme)
+    assert len(blocks) >= 3
+    for block in blocks:
+        exec(compile(block.replace(load_name, f'local-dir:{folder}'), 'card', 'exec'), {})
+
+
+@pytest.mark.parametrize('name', [m for m in MODELS if m != 'vit_small_cifar'])  # vit: the trained run, below
+def test_card_usage_code_runs(name, tmp_path, monkeypatch):
+    """ Each model's card, published from a small run of that model: its usage code works as written. """
+    model_args = dict(embed_dim=32, depth=2, num_heads=2, img_size=16)
+    run_dir = tmp_path / 'run'
+    save_for_hf(timm.create_model(name, **model_args), run_dir, model_config=dict(model_args=model_args),
+                safe_serialization=True)
+    results = dict(RESULTS, model=name, model_args=model_args, dataset='digits', img_size=16)
+    (run_dir / 'results.json').write_text(json.dumps(results))
+    result = pub.publish(run_dir, f'tester/{name}-tiny', dry_run=True, local_dir=tmp_path / 'pub', act_batch_size=2)
+    assert '### Memory-saving training' in result.readme
+    _run_card_code(result.readme, tmp_path / 'pub', tmp_path, monkeypatch)
+
+
+def test_vit_card_usage_code_runs(published, tmp_path, monkeypatch):
+    folder, _ = published
+    _run_card_code((folder / 'README.md').read_text(), folder, tmp_path, monkeypatch)
