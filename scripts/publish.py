@@ -14,11 +14,14 @@ from timm_reversible.publish import DEFAULT_ACT_BATCH_SIZE, PUBLISHED_FILES, Pub
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('run_dir', metavar='RUN_DIR', help='finished run: <output>/<experiment> of scripts/train.py')
-    parser.add_argument('--repo-id', required=True, help='Hub repository NAMESPACE/NAME')
-    parser.add_argument('--private', action='store_true', help='create the repository as private')
+    parser.add_argument('--repo-id', required=True,
+                        help='Hub repository NAMESPACE/NAME; NAME <model>.<tag> (e.g. vit_small_cifar.c10) is what '
+                             'timm.create_model("<model>.<tag>", pretrained=True) loads')
+    parser.add_argument('--private', action='store_true', help='create the repository as private (if it is new)')
     parser.add_argument('--dry-run', action='store_true', help='write the files to --local-dir, upload nothing')
-    parser.add_argument('--local-dir', metavar='DIR', help='folder to write the published files to')
-    parser.add_argument('--benchmark', metavar='PATH', help="benchmark results.json for the activation memory")
+    parser.add_argument('--local-dir', metavar='DIR', help='folder to write the published files to (and keep)')
+    parser.add_argument('--benchmark', metavar='PATH',
+                        help='results.json of scripts/benchmark.py: activation memory and the comparison table')
     parser.add_argument('--act-batch-size', type=int, default=DEFAULT_ACT_BATCH_SIZE,
                         help='batch of the CPU activation-memory measurement without --benchmark (default %(default)s)')
     parser.add_argument('--card-dir', metavar='DIR', help='folder of the model card templates (default model_cards/)')
