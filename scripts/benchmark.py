@@ -28,7 +28,7 @@ from timm_reversible.benchmarking import (
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.split('\n\n')[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', metavar='SPEC',
                         help='model specs name[:key=value,...] (default: every model the package registers, '
                              'plus vit_small_cifar:grad_checkpointing=1)')
@@ -48,6 +48,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='memory budget in GiB for the largest-batch column (default: 8, a laptop GPU)')
     parser.add_argument('--no-check', action='store_true',
                         help='do not confirm the largest batch with a real step (done by default on CUDA)')
+    parser.add_argument('--threads', type=int,
+                        help="CPU threads for torch (default: torch's choice); 1 gives steadier timings on a CPU "
+                             'shared with other jobs')
     parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                         help='kwargs for every model, e.g. embed_dim=32 num_heads=2 for a quick run')
     parser.add_argument('--out', default='benchmark_results', help='output folder (default: benchmark_results)')
@@ -58,6 +61,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     specs = [parse_model_spec(s) for s in args.models] if args.models else default_model_specs()
     config = BenchmarkConfig(
         depths=args.depths, device=args.device, batch_size=args.batch_size,
@@ -75,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         device=config.device, precision=f'autocast {config.amp}' if config.amp else 'fp32',
         batch_size=config.batch_size, memory_batch_sizes=list(config.memory_batch_sizes), ref_batch=config.ref_batch,
         repeats=config.repeats, warmup=config.warmup, mem_budget_gib=config.mem_budget_gib,
-        model_kwargs=config.model_kwargs, depths=list(config.depths),
+        model_kwargs=config.model_kwargs, depths=list(config.depths), threads=torch.get_num_threads(),
         memory_method='CUDA allocator statistics' if device.type == 'cuda' else "torch's MemTracker (tensor accounting)",
     )
     print(format_table(rows, config.ref_batch, config.mem_budget_gib))
@@ -85,9 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"(limit {check['limit']:.3f})")
     paths = write_report(rows, meta, args.out)
     print('wrote ' + ', '.join(str(p) for p in paths.values()))
-    failed = [r for r in rows if r.error is not None]
+    failed = [r for r in rows if r.error is not None or r.timing_error is not None]
     for r in failed:
-        print(f'error: {r.model} at depth {r.depth}: {r.error}', file=sys.stderr)
+        print(f'error: {r.model} at depth {r.depth}: {r.error or r.timing_error}', file=sys.stderr)
     return 1 if failed else 0
 
 

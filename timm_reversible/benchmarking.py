@@ -185,7 +185,8 @@ class BenchmarkRow:
     max_batch: Optional[int] = None  # largest batch whose training peak fits the budget
     max_batch_checked: bool = False  # confirmed by one real step at that batch
     max_batch_peak_mib: Optional[float] = None
-    error: Optional[str] = None
+    error: Optional[str] = None  # the model could not be measured at all
+    timing_error: Optional[str] = None  # the timing loop failed (memory figures still valid)
 
 
 def _with_baseline(specs: Sequence[ModelSpec]) -> List[ModelSpec]:
@@ -218,13 +219,17 @@ def _measure_memory(spec: ModelSpec, depth: int, cfg: BenchmarkConfig) -> Benchm
     row.act_fixed_mib = fit.fixed_bytes / MiB
 
     optimizer = default_optimizer(model)
+    make_train_step_fn(model, optimizer, 1, autocast_dtype=cfg.autocast_dtype)()  # creates the optimizer state
     if device.type == 'cuda':
-        row.peak_train_mib = peak_training_memory(
-            model, optimizer, cfg.ref_batch, autocast_dtype=cfg.autocast_dtype) / MiB
-        row.peak_train_measured = True
-    else:
+        try:
+            row.peak_train_mib = peak_training_memory(
+                model, optimizer, cfg.ref_batch, autocast_dtype=cfg.autocast_dtype) / MiB
+            row.peak_train_measured = True
+        except torch.OutOfMemoryError:  # the reference batch does not fit this device: predict it instead
+            optimizer.zero_grad(set_to_none=False)
+            _free(device)
+    if not row.peak_train_measured:
         # a tracked step at batch 128 takes minutes on a CPU; the fit predicts it (exact at the fitted batches)
-        make_train_step_fn(model, optimizer, 1, autocast_dtype=cfg.autocast_dtype)()  # creates the optimizer state
         row.peak_train_mib = predicted_peak_training_memory(
             fit, training_state_bytes(model, optimizer), cfg.ref_batch, input_bytes_per_image(model)) / MiB
     row.state_mib = training_state_bytes(model, optimizer) / MiB
@@ -302,16 +307,22 @@ def run_benchmark(
 
             working = [s for s in specs if rows[s.label].error is None]
             bar.set_description(f'timing {len(working)} models depth {depth}')
-            if working:
-                _time_depth(working, rows, depth, cfg, on_round=lambda _: bar.update())
-            else:
-                bar.update(rounds)
+            try:
+                if working:
+                    _time_depth(working, rows, depth, cfg, on_round=lambda _: bar.update())
+            except Exception as e:  # keep the memory figures; the speed columns stay empty
+                for spec in working:
+                    rows[spec.label].timing_error = f'{type(e).__name__}: {e}'
+                _free(torch.device(cfg.device))
+            bar.n = (cfg.depths.index(depth) + 1) * (len(specs) + rounds)
+            bar.refresh()
 
             base = next((rows[s.label] for s in specs if s.is_baseline), None)
             for row in rows.values():
                 if base is not None and base.error is None and row.error is None:
                     row.act_vs_baseline = row.act_mib_per_image / base.act_mib_per_image
-                    row.train_step_vs_baseline = row.train_step_ms / base.train_step_ms
+                    if row.train_step_ms is not None and base.train_step_ms is not None:
+                        row.train_step_vs_baseline = row.train_step_ms / base.train_step_ms
             results.extend(rows[s.label] for s in specs)
     return results
 
@@ -506,22 +517,32 @@ def plot_memory_vs_depth(rows: Sequence[BenchmarkRow], path: os.PathLike, title_
 
 
 def plot_memory_vs_throughput(rows: Sequence[BenchmarkRow], path: os.PathLike, title_suffix: str = '') -> Path:
-    """ Activation memory per image against training throughput; one colour per model, points labelled by depth. """
+    """ Activation memory per image against training throughput, one panel per depth, one colour per model.
+
+    One panel per depth because throughput falls with depth for every model: in a single panel the depth,
+    not the model, would set the x position.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, series in _by_model(rows).items():
-        series = [r for r in series if r.train_img_s is not None]
-        xs, ys = [r.train_img_s for r in series], [r.act_mib_per_image for r in series]
-        ax.plot(xs, ys, marker='o', linestyle=':', label=label)
-        for r, x, y in zip(series, xs, ys):
-            ax.annotate(f'd{r.depth}', (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7)
-    ax.set_xlabel('training throughput (img/s)')
-    ax.set_ylabel('activation memory per image (MiB)')
-    ax.set_ylim(bottom=0)
-    ax.set_title('Memory vs training speed' + title_suffix)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    series = _by_model(rows)
+    depths = sorted({r.depth for r in rows if r.error is None})
+    fig, axes = plt.subplots(1, max(len(depths), 1), figsize=(3.6 * max(len(depths), 1) + 1.5, 4.2), dpi=120,
+                             squeeze=False)
+    colours = {label: f'C{i}' for i, label in enumerate(series)}
+    for ax, depth in zip(axes[0], depths):
+        for label, model_rows in series.items():
+            for r in model_rows:
+                if r.depth == depth and r.train_img_s is not None:
+                    ax.scatter(r.train_img_s, r.act_mib_per_image, color=colours[label], s=40, label=label)
+        ax.set_title(f'depth {depth}')
+        ax.set_xlabel('training throughput (img/s)')
+        ax.set_xlim(0, 1.12 * max([r.train_img_s for r in rows if r.depth == depth and r.train_img_s] or [1]))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel('activation memory per image (MiB)')
+    handles = [plt.Line2D([], [], marker='o', linestyle='', color=c, label=label) for label, c in colours.items()]
+    fig.legend(handles=handles, loc='center right', fontsize=8)
+    fig.suptitle('Memory vs training speed (lower right is better)' + title_suffix)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
@@ -550,12 +571,14 @@ def write_report(rows: Sequence[BenchmarkRow], meta: Mapping[str, Any], out_dir:
     """ results.json, results.md, memory_vs_depth.png and memory_vs_throughput.png in `out_dir`. """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = f" ({meta['device']}, batch {meta['ref_batch']})"
     paths = {
         'json': out / 'results.json',
         'markdown': out / 'results.md',
-        'memory_vs_depth': plot_memory_vs_depth(rows, out / 'memory_vs_depth.png', suffix),
-        'memory_vs_throughput': plot_memory_vs_throughput(rows, out / 'memory_vs_throughput.png', suffix),
+        'memory_vs_depth': plot_memory_vs_depth(
+            rows, out / 'memory_vs_depth.png', f" ({meta['device']}, batch {meta['ref_batch']})"),
+        'memory_vs_throughput': plot_memory_vs_throughput(
+            rows, out / 'memory_vs_throughput.png',
+            f"\n({meta['device']}; memory at batch {meta['ref_batch']}, speed at batch {meta['batch_size']})"),
     }
     payload = {
         'meta': dict(meta),
