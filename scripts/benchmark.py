@@ -37,7 +37,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='cpu, cuda or cuda:N (default: cuda if available)')
     parser.add_argument('--batch-size', type=int, help='timing batch (default: 16 on CPU, 128 on CUDA)')
     parser.add_argument('--memory-batch-sizes', nargs=2, type=int, metavar=('B1', 'B2'),
-                        help='the two batches the memory fit is measured at (default: 4 8 on CPU, 64 128 on CUDA)')
+                        help='the two batches the memory fit is measured at (default: 8 16 on CPU, 64 128 on CUDA)')
     parser.add_argument('--ref-batch', type=int, default=128,
                         help='batch the per-image and peak memory are reported at (default: 128)')
     parser.add_argument('--repeats', type=int, help='timed rounds (default: 3 on CPU, 20 on CUDA)')

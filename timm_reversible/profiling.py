@@ -187,7 +187,7 @@ class MemoryFit:
 
 def activation_memory_fit(
         model: nn.Module,
-        batch_sizes: Sequence[int] = (4, 8),
+        batch_sizes: Sequence[int] = (8, 16),
         input_size: Optional[Sequence[int]] = None,
         autocast_dtype: Optional[torch.dtype] = None,
         step_fn: Callable[..., torch.Tensor] = train_step,
