@@ -149,7 +149,7 @@ class BenchmarkConfig:
         cuda = torch.device(self.device).type == 'cuda'
         return replace(
             self,
-            depths=tuple(int(d) for d in self.depths),
+            depths=tuple(dict.fromkeys(int(d) for d in self.depths)),  # in order, each once
             batch_size=self.batch_size or (128 if cuda else 16),
             memory_batch_sizes=tuple(self.memory_batch_sizes or ((64, 128) if cuda else (8, 16))),
             repeats=self.repeats or (20 if cuda else 3),
@@ -565,7 +565,8 @@ def machine_info(device: str) -> str:
                 where = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), where)
         except OSError:
             pass
-        where += f', {torch.get_num_threads()} threads'
+        threads = torch.get_num_threads()
+        where += f', {threads} thread' + ('s' if threads != 1 else '')
     return f'{where}; torch {torch.__version__}, timm {timm.__version__}'
 
 
