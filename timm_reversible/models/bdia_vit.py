@@ -57,7 +57,7 @@ class BDIAFirstStep(ReversibleStep):
         x0 = state[0]
         dx0, dx1 = grads
         dx0.add_(dx1)
-        block_residual_backward(tape, 'h', self.block, x0, dx1, dx0, lambda h: None, self.split, self.dtype)
+        block_residual_backward(tape, 'h', self.block, x0, dx1, dx0, lambda h: None, None, self.split, self.dtype)
         return (x0, x0), (dx0, dx1.zero_())
 
 
@@ -75,8 +75,8 @@ class BDIACoupling(BDIAFirstStep):
         sign = torch.randint(0, 2, (x.shape[0],) + (1,) * (x.ndim - 1), device=x.device)
         return (sign * 2 - 1).to(x.dtype) * self.gamma
 
-    def _quantized_update(self, x: torch.Tensor, h: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        return quantize((1 - gamma) * x + (1 + gamma) * h, self.level)
+    def _quantized_update(self, x: torch.Tensor, scaled_h: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return quantize((1 - gamma) * x + scaled_h, self.level)
 
     def _grid_offset(self, x_prev: torch.Tensor) -> torch.Tensor:
         """ s 2^-l: the smallest grid step that makes x_prev's index a multiple of 1 / gamma. """
@@ -93,8 +93,8 @@ class BDIACoupling(BDIAFirstStep):
         offset = self._grid_offset(x_prev)
         tape.save('gamma', lambda: gamma)
         tape.save('offset', lambda: pack_bits(offset * 2 ** self.level, self.side_bits))
-        h = tape.run('h', self.h, x)
-        x_next = gamma * (x_prev + offset) + self._quantized_update(x, h, gamma)
+        scaled_h = tape.run('h', block_residual(self.block, self.dtype, 1 + gamma), x)
+        x_next = gamma * (x_prev + offset) + self._quantized_update(x, scaled_h, gamma)
         self.guard.track(self.index, x_next)
         return x, x_next
 
@@ -105,8 +105,8 @@ class BDIACoupling(BDIAFirstStep):
     def inverse(self, state: State, tape: Tape) -> State:
         x, x_next = state
         gamma = tape.load('gamma')
-        h = tape.run('h', self.h, x)
-        x_prev = (x_next - self._quantized_update(x, h, gamma)) / gamma - self._load_offset(tape, x)
+        scaled_h = tape.run('h', block_residual(self.block, self.dtype, 1 + gamma), x)
+        x_prev = (x_next - self._quantized_update(x, scaled_h, gamma)) / gamma - self._load_offset(tape, x)
         return x_prev, x
 
     def backward(self, state: State, grads: State, tape: ReplayTape) -> Tuple[State, State]:
@@ -114,28 +114,29 @@ class BDIACoupling(BDIAFirstStep):
         dx, dx_next = grads
         gamma = tape.load('gamma')
 
-        def reconstruct(h: torch.Tensor) -> None:
+        def reconstruct(scaled_h: torch.Tensor) -> None:
             # x_next's buffer becomes x_prev
-            x_next.sub_(self._quantized_update(x, h, gamma)).div_(gamma).sub_(self._load_offset(tape, x))
+            x_next.sub_(self._quantized_update(x, scaled_h, gamma)).div_(gamma).sub_(self._load_offset(tape, x))
 
-        dx.add_((1 - gamma) * dx_next)
+        dx.addcmul_(dx_next, 1 - gamma)
         block_residual_backward(
-            tape, 'h', self.block, x, (1 + gamma) * dx_next, dx, reconstruct, self.split, self.dtype)
+            tape, 'h', self.block, x, dx_next, dx, reconstruct, 1 + gamma, self.split, self.dtype)
         return (x_next, x), (dx_next.mul_(gamma), dx)
 
 
 class BDIAVisionTransformer(ReversibleVisionTransformer):
     """ ViT trained as a BDIA integrator: exactly reversible in training, an ordinary ViT at evaluation. """
 
-    def __init__(self, *args, bdia_gamma: float = 0.5, quant_level: int = 9, bdia_split_backward: bool = False,
-                 **kwargs):
+    def __init__(self, *args, bdia_gamma: float = 0.5, quant_level: int = 9, split_backward: bool = False, **kwargs):
         """
         Args:
             bdia_gamma: Magnitude of the random coefficient gamma_k in {+gamma, -gamma}; a power of two
                 below 1 (0.5 by default: one side bit per element per block; 0.25 needs two).
             quant_level: l, the activations live on the grid 2^-l. Exact while |x| < 2^(24 - l).
-            bdia_split_backward: Recompute each block's residual in two halves in the backward (MLP
-                graph first, then attention): less activation memory, one more attention forward.
+            split_backward: Recompute each block's residual in two halves in the backward (the MLP's
+                graph first, then the attention's): about 0.85x the activation memory for one more
+                attention forward per block (see README's benchmark). Off by default: the joint
+                recomputation already stays within 1.25x of the two-stream model.
             *args, **kwargs: As for ReversibleVisionTransformer.
         """
         super().__init__(*args, **kwargs)
@@ -146,7 +147,7 @@ class BDIAVisionTransformer(ReversibleVisionTransformer):
             raise ValueError(f'quant_level must be in [0, 24), got {quant_level}.')
         self.bdia_gamma = bdia_gamma
         self.quant_level = quant_level
-        self.bdia_split_backward = bdia_split_backward
+        self.split_backward = split_backward
 
     def uses_reversible_backward(self) -> bool:
         # gamma = 0 at evaluation is not invertible; nothing needs the reversible backward there
@@ -159,7 +160,7 @@ class BDIAVisionTransformer(ReversibleVisionTransformer):
     def make_steps(self, blocks: Sequence[Block]) -> List[ReversibleStep]:
         dtype = self.pos_embed.dtype
         guard = GridRangeGuard(self.quant_level, type(self).__name__, stream_dtype(dtype))
-        common = dict(level=self.quant_level, guard=guard, split=self.bdia_split_backward, dtype=dtype)
+        common = dict(level=self.quant_level, guard=guard, split=self.split_backward, dtype=dtype)
         steps: List[ReversibleStep] = [BDIAFirstStep(blocks[0], index=0, **common)] if len(blocks) else []
         steps += [
             BDIACoupling(block, index=i, gamma=self.bdia_gamma, training=self.training, **common)

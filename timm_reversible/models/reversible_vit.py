@@ -4,7 +4,7 @@ blocks chained as invertible steps that run on the reversible engine.
 A subclass says how the token embedding becomes the initial state (`initial_state`), which step
 each block becomes (`make_steps`), and how a state reads out as token features (`state_features`).
 """
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,8 @@ from ..layers import Block
 from ..reversible import (
     ReplayTape, ReversibleStep, State, Tape, plain_forward, reconstruct, reversible_forward, straight_through)
 from .vit_small_cifar import SmallDataVisionTransformer
+
+Scale = Union[None, float, torch.Tensor]
 
 __all__ = [
     'ReversibleVisionTransformer', 'GridRangeGuard', 'stream_dtype', 'block_residual', 'block_residual_backward', 'quantize',
@@ -127,16 +129,20 @@ def quantize(x: torch.Tensor, level: int) -> torch.Tensor:
     return straight_through(x, lambda t: torch.round(t * scale).div_(scale))
 
 
-def block_residual(block: Block, dtype: Optional[torch.dtype] = None):
-    """ h(x) = F(x) + G(x + F(x)): a standard block's residual branch, evaluated in the blocks' dtype and
-    returned in the dtype of the stream it is given.
+def block_residual(block: Block, dtype: Optional[torch.dtype] = None, scale: Scale = None):
+    """ h(x) = F(x) + G(x + F(x)), a standard block's residual branch, times `scale` if given. Evaluated in
+    the blocks' dtype, returned in the dtype of the stream it is given.
     """
     def h(x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
         x = x.to(dtype) if dtype is not None else x
         f = block.attn_residual(x)
-        return (f + block.mlp_residual(x + f)).to(out_dtype)
+        return _scaled((f + block.mlp_residual(x + f)).to(out_dtype), scale)
     return h
+
+
+def _scaled(h: torch.Tensor, scale: Scale) -> torch.Tensor:
+    return h if scale is None else scale * h
 
 
 def block_residual_backward(
@@ -144,43 +150,44 @@ def block_residual_backward(
         name: str,
         block: Block,
         x: torch.Tensor,
-        grad_h: torch.Tensor,
+        grad_out: torch.Tensor,
         grad_x: torch.Tensor,
         reconstruct: Callable[[torch.Tensor], None],
+        scale: Scale = None,
         split: bool = False,
         dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """ Backpropagate `grad_h` through h(x) (as `block_residual`, recomputed with the forward's randomness),
-    adding the gradient wrt x into `grad_x` in place, and hand the recomputed h to `reconstruct` at a
-    moment when no graph is alive, so the caller's reconstruction temporaries do not add to the peak.
+    """ Backpropagate `grad_out` through scale * h(x) (as `block_residual`, recomputed with the forward's
+    randomness), add the gradient wrt x into `grad_x` in place, and hand the recomputed scale * h to
+    `reconstruct` once no graph is alive, so the caller's reconstruction temporaries add nothing to the
+    peak. `grad_out` is only read; the scale is applied inside the graph, so no scaled copy is held.
 
-    Unless `split`, the whole block's graph is built at once. With `split`, G's graph is built and
-    freed first (F evaluated without grad), h is handed over, and only then is F recomputed with grad:
-    the peak holds F's graph alone, for one more evaluation of F.
+    Unless `split`, the whole block's graph is built at once. With `split`, F is evaluated without grad,
+    G's graph is built and freed first, then F is recomputed with grad: F's and G's graphs are never
+    alive together, for one more evaluation of F.
     """
     if not split:
-        h, grad = tape.vjp(name, block_residual(block, dtype), x, grad_h)
-        del grad_h
+        scaled_h, grad = tape.vjp(name, block_residual(block, dtype, scale), x, grad_out)
         grad_x.add_(grad)
         del grad
-        reconstruct(h)
+        reconstruct(scaled_h)
         return
     x_in = x.detach().to(dtype) if dtype is not None else x.detach()
     with tape.replay(name):
         f = block.attn_residual(x_in)
         u = (x_in + f).requires_grad_(True)
         with torch.enable_grad():
-            g = block.mlp_residual(u)
-    torch.autograd.backward(g, grad_h.to(g.dtype))
-    h = (f + g.detach()).to(x.dtype)
-    grad_u = u.grad
-    del f, g, u
-    reconstruct(h)
-    del h
+            scaled_h = _scaled((f + block.mlp_residual(u)).to(x.dtype), scale)
+    torch.autograd.backward(scaled_h, grad_out.to(scaled_h.dtype))
+    scaled_h, f_dtype, grad_u = scaled_h.detach(), f.dtype, u.grad
+    del f, u
+    reconstruct(scaled_h)
+    del scaled_h
     grad_x.add_(grad_u)
-    # F's output reaches h directly and through u = x + F(x)
-    grad_f = grad_u.add_(grad_h)
-    del grad_h, grad_u
+    # F's output reaches h directly and through u = x + F(x); summed in F's dtype, as autograd does
+    grad_f = grad_u.to(f_dtype)
+    del grad_u
+    grad_f.add_(_scaled(grad_out, scale).to(f_dtype))
     _, grad = tape.vjp(name, block.attn_residual, x_in, grad_f)
     del grad_f
     grad_x.add_(grad)

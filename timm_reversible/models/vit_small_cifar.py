@@ -67,6 +67,7 @@ class SmallDataVisionTransformer(nn.Module):
         if global_pool not in ('', 'avg', 'token'):
             raise ValueError(f"global_pool must be '', 'avg' or 'token', got {global_pool!r}.")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
@@ -262,7 +263,7 @@ def _create_model(
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter'),
+        feature_cfg=dict(out_indices=kwargs.pop('out_indices', min(3, kwargs.get('depth', 3))), feature_cls='getter'),
         **kwargs,
     )
 

@@ -1,0 +1,233 @@
+""" The reversible engine and the three reversible models: same gradients as ordinary autograd, exact
+reconstruction, randomness replayed without touching the caller's stream, autocast, accumulation.
+"""
+import pytest
+import timm
+import torch
+
+import timm_reversible
+from timm_reversible import reconstruction_error
+from timm_reversible.models.bdia_vit import BDIACoupling, BDIAFirstStep
+from timm_reversible.models.momentum_revvit import MomentumCoupling
+from timm_reversible.models.revvit import TwoStreamCoupling
+from timm_reversible.reversible import pack_bits, unpack_bits
+
+from conftest import images
+
+REVERSIBLE = ['revvit_small_cifar', 'bdia_vit_small_cifar', 'momentum_revvit_small']
+EXACT = ['bdia_vit_small_cifar', 'momentum_revvit_small']
+DROPS = dict(drop_rate=0.1, pos_drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.2)
+NO_DROPS = dict(drop_rate=0., pos_drop_rate=0., proj_drop_rate=0., attn_drop_rate=0., drop_path_rate=0.)
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _step(model, x, reversible: bool, seed: int = 7, autocast_dtype=None):
+    """ One training forward + backward; returns logits, parameter grads, input grad and the RNG state after. """
+    model.set_reversible(reversible)
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    with torch.autocast('cpu', dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(x)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), grads, x.grad, torch.get_rng_state()
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _assert_same_gradients(model, x, tolerance: float, autocast_dtype=None):
+    ref_out, ref_grads, ref_x_grad, ref_rng = _step(model, x, reversible=False, autocast_dtype=autocast_dtype)
+    out, grads, x_grad, rng = _step(model, x, reversible=True, autocast_dtype=autocast_dtype)
+    assert torch.equal(out, ref_out), 'the reversible forward computes another function'
+    assert torch.equal(rng, ref_rng), 'the global RNG is not where ordinary autograd leaves it'
+    errors = {n: _relative_error(grads[n], ref_grads[n]) for n in ref_grads}
+    errors['input'] = _relative_error(x_grad, ref_x_grad)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < tolerance, f'{worst}: relative gradient error {errors[worst]:.3g}'
+    return errors
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('name', REVERSIBLE)
+def test_gradients_equal_ordinary_autograd_with_dropout(name, dtype):
+    model = timm.create_model(name, embed_dim=64, depth=3, num_heads=2, **DROPS).to(dtype).train()
+    _assert_same_gradients(model, images(4, dtype=dtype), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('name', REVERSIBLE)
+def test_gradients_equal_ordinary_autograd_depth_12(name, dtype):
+    model = timm.create_model(name, embed_dim=32, depth=12, num_heads=2, **DROPS).to(dtype).train()
+    _assert_same_gradients(model, images(2, dtype=dtype), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize('split', [False, True])
+@pytest.mark.parametrize('name', EXACT)
+def test_joint_and_split_backward_give_the_same_gradients(name, split):
+    model = timm.create_model(name, embed_dim=64, depth=3, num_heads=2, split_backward=split, **DROPS).double().train()
+    _assert_same_gradients(model, images(4, dtype=torch.float64), TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize('name', REVERSIBLE)
+def test_bfloat16_autocast_reversible_matches_autograd(name):
+    """ Under autocast the recomputation re-enters the forward's autocast. The bit-exact models see the
+    same activations in both paths. The two-stream model reconstructs to float32 rounding; where that
+    crosses a bfloat16 rounding boundary, a recomputed element moves by one bfloat16 step, so its
+    gradients agree to well within bfloat16's resolution (2^-8), not to float32's.
+    """
+    model = timm.create_model(name, embed_dim=64, depth=3, num_heads=2, **DROPS).train()
+    _assert_same_gradients(model, images(4), 1e-3 if name == 'revvit_small_cifar' else 1e-5, torch.bfloat16)
+
+
+@pytest.mark.parametrize('name', REVERSIBLE)
+def test_gradient_accumulation(name):
+    model = timm.create_model(name, embed_dim=32, depth=2, num_heads=2).double().train()
+    x = images(4, dtype=torch.float64)
+    totals = []
+    for reversible in (False, True):
+        model.set_reversible(reversible)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        for chunk in x.chunk(2):
+            model(chunk).square().sum().backward()
+        totals.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in totals[0]:
+        assert _relative_error(totals[1][n], totals[0][n]) < 1e-10, n
+
+
+@pytest.mark.parametrize('name', ['revvit_small_cifar', 'momentum_revvit_small'])
+def test_eval_equals_train_without_dropout_and_needs_no_engine(name, monkeypatch):
+    model = timm.create_model(name, embed_dim=64, depth=3, num_heads=2, **NO_DROPS)
+    x = images(4)
+    train_out = model.train()(x)
+    monkeypatch.setattr(timm_reversible.models.reversible_vit, 'reversible_forward', _engine_must_not_run)
+    with torch.no_grad():
+        eval_out = model.eval()(x)
+    assert torch.equal(eval_out, train_out.detach())
+
+
+def _engine_must_not_run(*args, **kwargs):
+    raise AssertionError('the reversible engine ran in an eval / no-grad forward')
+
+
+def test_bdia_eval_is_a_plain_vit_on_the_grid(monkeypatch):
+    model = timm.create_model('bdia_vit_small_cifar', embed_dim=64, depth=3, num_heads=2).eval()
+    monkeypatch.setattr(timm_reversible.models.reversible_vit, 'reversible_forward', _engine_must_not_run)
+    out = model(images(2))
+    out.sum().backward()  # eval with grad: gamma = 0 is not invertible, ordinary autograd takes over
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def _record_block_inputs(monkeypatch, step_classes):
+    """ Record each step's input state in the forward and the state each backward reconstructs. """
+    forward_inputs, backward_states = [], []
+    for cls in step_classes:
+        forward, backward = cls.forward, cls.backward
+
+        def recording_forward(self, state, tape, _forward=forward):
+            if tape.__class__.__name__ == 'ReplayTape':
+                forward_inputs.append(tuple(t.clone() for t in state))
+            return _forward(self, state, tape)
+
+        def recording_backward(self, state, grads, tape, _backward=backward):
+            state, grads = _backward(self, state, grads, tape)
+            backward_states.append(tuple(t.clone() for t in state))
+            return state, grads
+        monkeypatch.setattr(cls, 'forward', recording_forward)
+        monkeypatch.setattr(cls, 'backward', recording_backward)
+    return forward_inputs, backward_states
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+@pytest.mark.parametrize('depth', [6, 24])
+@pytest.mark.parametrize('name', EXACT)
+def test_bit_exact_reconstruction(name, depth, autocast, monkeypatch):
+    """ Inverse and backward recover every block input bit for bit, float32, train mode with random gamma
+    and dropout, inputs of realistic scale, and under bfloat16 autocast (stream and Q in float32).
+    """
+    model = timm.create_model(name, embed_dim=64, depth=depth, num_heads=2, **DROPS).train()
+    x = images(4) * 2.5
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        assert reconstruction_error(model, x) == 0.0
+        inputs, reconstructed = model.reconstruct_block_inputs(x)
+        for block, (original, recovered) in enumerate(zip(inputs, reconstructed)):
+            assert all(torch.equal(a, b) for a, b in zip(original, recovered)), f'block {block}'
+        assert inputs[0][0].dtype == torch.float32
+
+        forward_inputs, backward_states = _record_block_inputs(
+            monkeypatch, [BDIAFirstStep, BDIACoupling, MomentumCoupling])
+        model(x).float().sum().backward()
+    backward_states.reverse()
+    assert len(forward_inputs) == len(backward_states) == depth
+    for block, (original, recovered) in enumerate(zip(forward_inputs, backward_states)):
+        assert all(torch.equal(a, b) for a, b in zip(original, recovered)), f'backward, block {block}'
+
+
+def test_two_stream_reconstruction_is_close_not_exact():
+    model = timm.create_model('revvit_small_cifar', embed_dim=64, depth=6, num_heads=2, **DROPS).train()
+    error = reconstruction_error(model, images(4))
+    assert 0 <= error < 1e-4
+
+
+def test_bdia_quarter_gamma_uses_two_side_bits_and_stays_exact():
+    model = timm.create_model('bdia_vit_small_cifar', embed_dim=64, depth=4, num_heads=2, bdia_gamma=0.25).train()
+    assert reconstruction_error(model, images(4)) == 0.0
+    with pytest.raises(ValueError, match='power of two'):
+        timm.create_model('bdia_vit_small_cifar', embed_dim=64, depth=2, num_heads=2, bdia_gamma=0.3)
+
+
+@pytest.mark.parametrize('reversible', [False, True])
+@pytest.mark.parametrize('name', EXACT)
+def test_out_of_range_activations_raise(name, reversible):
+    model = timm.create_model(name, embed_dim=32, depth=3, num_heads=2, reversible=reversible).train()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.bias.fill_(3e5)  # pushes |x| past 2^(24 - 9) = 32768 in block 1
+    with pytest.raises(FloatingPointError, match=r'block 1\b.*quant_level'):
+        model(images(2)).sum().backward()
+
+
+def test_momentum_rejects_inexact_gamma():
+    with pytest.raises(ValueError, match='a / 2\\^m'):
+        timm.create_model('momentum_revvit_small', embed_dim=32, depth=1, num_heads=2, momentum=0.9)
+
+
+def test_side_bits_are_packed_eight_per_byte():
+    values = torch.randint(0, 8, (4, 65, 64))
+    for bits in (1, 3):
+        v = values % (2 ** bits)
+        packed = pack_bits(v, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == bits * v.numel() // 8
+        assert torch.equal(unpack_bits(packed, v.shape, bits), v.to(torch.uint8))
+
+
+def test_reconstruction_error_needs_a_reversible_model():
+    with pytest.raises(TypeError):
+        reconstruction_error(timm.create_model('vit_small_cifar', embed_dim=32, depth=1, num_heads=2), images(1))
+
+
+def test_engine_is_model_agnostic():
+    """ The engine runs any invertible step: here a two-stream coupling of two plain linear maps. """
+    from timm_reversible.reversible import ReversibleStep, plain_forward, reversible_forward
+
+    class LinearCoupling(TwoStreamCoupling):
+        def __init__(self, f: torch.nn.Module, g: torch.nn.Module):
+            self.f, self.g = f, g
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 8).double() for _ in range(6)]
+    steps = [LinearCoupling(layers[i], layers[i + 1]) for i in range(0, 6, 2)]
+    assert all(isinstance(s, ReversibleStep) for s in steps)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for run in (plain_forward, reversible_forward):
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y1, y2 = run(steps, (x, x))
+        (y1 * y2).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for layer in layers for p in layer.parameters()])
+    for a, b in zip(*grads):
+        assert _relative_error(a, b) < 1e-12
