@@ -99,6 +99,7 @@ def test_targets_and_tables_from_rows():
         _row(BASELINE, 6, 8.0), _row(BASELINE, 6, 3.0, ckpt=True), _row('revvit_small_cifar', 6, 1.9, 1.4, reversible=True),
         _row(BASELINE, 24, 32.0), _row(BASELINE, 24, 3.5, ckpt=True), _row('revvit_small_cifar', 24, 2.5, reversible=True),
         _row('bdia_vit_small_cifar', 24, 2.2, reversible=True),
+        _row('momentum_revvit_small', 24, 2.6, reversible=True, split_backward=True),
         BenchmarkRow(model='broken', name='broken', depth=24, error='RuntimeError: boom'),
     ]
     checks = {c['target']: c for c in target_checks(rows)}
@@ -106,6 +107,8 @@ def test_targets_and_tables_from_rows():
     assert not checks['revvit / vanilla activation memory, depth 24']['met']  # 2.5 / 32 = 0.078
     assert not checks['revvit_small_cifar / vanilla train-step time, depth 6 (floor 4/3)']['met']
     assert checks['bdia_vit_small_cifar / revvit activation memory, depth 24']['limit'] == 1.25
+    split = checks['momentum_revvit_small / revvit activation memory, depth 24 (split recomputation)']
+    assert split['limit'] == 1.10 and split['met']  # 2.6 / 2.5 = 1.04
     assert checks['revvit activation memory below vanilla + grad ckpt, depth 24 (MiB/img)']['met']
     text = format_table(rows)
     assert 'error: RuntimeError: boom' in text and 'revvit_small_cifar' in text
