@@ -5,7 +5,7 @@ The transformer block exposes its two residual branches, F (attention) and G (ML
 reversible models can re-wire the same weights into invertible couplings.
 """
 import math
-from typing import Optional, Tuple, Type, Union
+from typing import Tuple, Type, Union
 
 import torch
 import torch.nn as nn

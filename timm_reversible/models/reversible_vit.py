@@ -19,7 +19,7 @@ from .vit_small_cifar import SmallDataVisionTransformer
 Scale = Union[None, float, torch.Tensor]
 
 __all__ = [
-    'ReversibleVisionTransformer', 'GridRangeGuard', 'stream_dtype', 'block_residual', 'block_residual_backward', 'quantize',
+    'ReversibleVisionTransformer', 'QuantizedReversibleVisionTransformer', 'GridRangeGuard', 'stream_dtype', 'block_residual', 'block_residual_backward', 'quantize',
     'reconstruction_error',
 ]
 
@@ -101,6 +101,38 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
         inputs, reconstructed = reconstruct(steps, state)
         self._check_steps(steps)
         return inputs, reconstructed
+
+
+class QuantizedReversibleVisionTransformer(ReversibleVisionTransformer):
+    """ Base of the exactly reversible models: a residual stream on the grid 2^-quant_level, in float32
+    (float64 for float64 models) whatever the blocks' dtype, guarded against leaving the exact range.
+    """
+
+    def __init__(self, *args, quant_level: int = 9, split_backward: bool = False, **kwargs):
+        """
+        Args:
+            quant_level: l, the stream lives on the grid 2^-l. Exact while |x| < 2^(24 - l) in float32.
+            split_backward: Recompute each block's residual in two halves in the backward (the MLP's
+                graph first, then the attention's): less activation memory for one more attention
+                forward per block.
+            *args, **kwargs: As for ReversibleVisionTransformer.
+        """
+        super().__init__(*args, **kwargs)
+        if not 0 <= quant_level < 24:
+            raise ValueError(f'quant_level must be in [0, 24), got {quant_level}.')
+        self.quant_level = quant_level
+        self.split_backward = split_backward
+
+    def quantized_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """ Token embedding -> the quantized residual stream. """
+        return quantize(x.to(stream_dtype(self.pos_embed.dtype)), self.quant_level)
+
+    def range_guard(self) -> 'GridRangeGuard':
+        return GridRangeGuard(self.quant_level, type(self).__name__, stream_dtype(self.pos_embed.dtype))
+
+    def _check_steps(self, steps: Sequence[ReversibleStep]) -> None:
+        if steps:
+            steps[0].guard.check()
 
 
 def _run_step(step: ReversibleStep, *state: torch.Tensor) -> State:

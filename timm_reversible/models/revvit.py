@@ -9,7 +9,7 @@ token embedding; each block is an additive coupling of its attention (F) and MLP
 The streams are fused once, at the end, by their mean, so the model has exactly the parameters of
 `vit_small_cifar`; the final LayerNorm and the head follow as in the ordinary ViT.
 """
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 

@@ -6,14 +6,13 @@
 `SmallDataVisionTransformer` is also the base of the reversible models: they share the stem, the
 blocks' weights, the head and the timm model contract, and only re-wire how blocks are chained.
 """
-from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
