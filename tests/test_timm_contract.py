@@ -177,3 +177,12 @@ def test_grad_checkpointing_lowers_activation_memory():
     checkpointed = activation_memory_per_image(model, batch_size=4)
     print(f'vit depth 4: {plain / 2**20:.3f} MiB/img plain, {checkpointed / 2**20:.3f} checkpointed')
     assert checkpointed < 0.6 * plain
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_measurements_use_the_created_input_size(name):
+    """ A model created at another img_size / in_chans is measured at that size, not its checkpoint's. """
+    from timm_reversible.profiling import model_input_size
+    model = timm.create_model(name, img_size=16, in_chans=1, **SMALL)
+    assert model_input_size(model) == (1, 16, 16)
+    assert count_flops(model) < count_flops(timm.create_model(name, **SMALL))

@@ -18,14 +18,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+from timm.models import get_model_input_config
 
 __all__ = [
-    'count_params', 'count_flops', 'activation_memory_per_image', 'train_step',
+    'model_input_size', 'count_params', 'count_flops', 'activation_memory_per_image', 'train_step',
     'MemoryFit', 'activation_memory_fit', 'training_state_bytes', 'input_bytes_per_image',
     'predicted_peak_training_memory', 'peak_training_memory', 'max_batch_size', 'largest_batch_in_budget',
     'default_optimizer', 'make_train_step_fn', 'make_inference_fn', 'alternating_timings',
     'time_train_steps', 'time_inference', 'train_step_time_ratio', 'throughput',
 ]
+
+
+def model_input_size(model: nn.Module) -> Tuple[int, ...]:
+    """ (C, H, W) the model was created for: its `in_chans` and `img_size`, not its checkpoint's. """
+    if not hasattr(model, '_traits'):  # not built by timm: its pretrained_cfg is all there is
+        return tuple(model.pretrained_cfg['input_size'])
+    return tuple(get_model_input_config(model)['input_size'])
 
 
 def count_params(model: nn.Module) -> int:
@@ -41,7 +49,7 @@ def _sdpa_cpu_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
 
 def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None, batch_size: int = 1) -> int:
     """ Forward FLOPs per image (2 per multiply-add) at the model's input size, eval mode, no grad. """
-    input_size = input_size or model.pretrained_cfg['input_size']
+    input_size = input_size or model_input_size(model)
     param = next(model.parameters())
     x = torch.randn(batch_size, *input_size, device=param.device, dtype=param.dtype)
     was_training = model.training
@@ -69,7 +77,7 @@ def train_step(
 
 
 def _batch(model: nn.Module, batch_size: int, input_size: Optional[Sequence[int]] = None, seed: int = 0):
-    input_size = input_size or model.pretrained_cfg['input_size']
+    input_size = input_size or model_input_size(model)
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, *input_size, generator=generator, dtype=param.dtype).to(param.device)
@@ -228,7 +236,7 @@ def training_state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optim
 
 def input_bytes_per_image(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
     """ Bytes of one input image plus its integer target, in the model's parameter dtype. """
-    input_size = input_size or model.pretrained_cfg['input_size']
+    input_size = input_size or model_input_size(model)
     param = next(model.parameters())
     return math.prod(input_size) * param.element_size() + torch.empty((), dtype=torch.long).element_size()
 
