@@ -11,7 +11,7 @@ import functools
 import pytest
 import timm
 
-from timm_reversible.profiling import activation_memory_per_image
+from timm_reversible.profiling import activation_memory_per_image, count_train_step_flops
 
 BATCH = 8
 WIDTH = dict(embed_dim=256, num_heads=4)
@@ -54,3 +54,20 @@ def test_split_backward_saves_memory(name):
     split = memory(name, 6, split_backward=True)
     assert split < joint
     assert split <= 1.10 * memory('revvit_small_cifar', 6)
+
+
+def test_reversible_backward_recomputes_one_forward():
+    """ The fused backward recomputes each block once while reconstructing it: a training step costs
+    about 4/3 of an ordinary one in FLOPs (one extra forward is the floor); the split recomputation adds
+    one attention forward per block, less than another whole forward.
+    """
+    vanilla = count_train_step_flops(timm.create_model('vit_small_cifar', **WIDTH))
+    revvit = count_train_step_flops(timm.create_model('revvit_small_cifar', **WIDTH))
+    print(f'revvit_small_cifar: train-step FLOPs {revvit / vanilla:.3f}x vit_small_cifar')
+    assert revvit <= 1.35 * vanilla
+    for name in ('bdia_vit_small_cifar', 'momentum_revvit_small'):
+        joint = count_train_step_flops(timm.create_model(name, split_backward=False, **WIDTH))
+        split = count_train_step_flops(timm.create_model(name, split_backward=True, **WIDTH))
+        print(f'{name}: {joint / vanilla:.3f}x joint, {split / vanilla:.3f}x split')
+        assert joint <= 1.35 * vanilla
+        assert joint < split < joint + vanilla / 3

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from timm.models import get_model_input_config
 
 __all__ = [
-    'model_input_size', 'count_params', 'count_flops', 'activation_memory_per_image', 'train_step',
+    'model_input_size', 'count_params', 'count_flops', 'count_train_step_flops', 'activation_memory_per_image', 'train_step',
     'MemoryFit', 'activation_memory_fit', 'training_state_bytes', 'input_bytes_per_image',
     'predicted_peak_training_memory', 'peak_training_memory', 'max_batch_size', 'largest_batch_in_budget',
     'default_optimizer', 'make_train_step_fn', 'make_inference_fn', 'alternating_timings',
@@ -59,6 +59,18 @@ def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None, ba
             model(x)
     finally:
         model.train(was_training)
+    return counter.get_total_flops() // batch_size
+
+
+def count_train_step_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None, batch_size: int = 2) -> int:
+    """ FLOPs per image of one training forward + backward (FlopCounterMode, 2 per multiply-add): the
+    deterministic part of a step's cost, e.g. the recomputation a reversible backward adds.
+    """
+    images, targets = _batch(model, batch_size, input_size)
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, images, targets)
+    model.zero_grad(set_to_none=True)
     return counter.get_total_flops() // batch_size
 
 
