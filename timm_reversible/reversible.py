@@ -14,6 +14,7 @@ exactly, and keeps side information with `tape.save` / `tape.load`.
 A step's `backward` may update `state` and `grads` in place: they are buffers owned by the engine.
 """
 import contextlib
+import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -224,20 +225,22 @@ def reconstruct(steps: Sequence[ReversibleStep], state: State) -> Tuple[List[Sta
 def pack_bits(values: torch.Tensor, num_bits: int = 1) -> torch.Tensor:
     """ Pack non-negative integers below 2**num_bits into bytes: num_bits bit-planes, 8 elements per byte. """
     flat = values.reshape(-1).to(torch.uint8)
-    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
+    if flat.numel() % 8:
+        flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
+    flat = flat.view(-1, 8)
     weights = (1 << torch.arange(8, device=values.device, dtype=torch.uint8))
-    planes = [((flat >> b) & 1).mul_(weights).sum(dim=1, dtype=torch.uint8) for b in range(num_bits)]
+    planes = [
+        (flat if num_bits == 1 else (flat >> b) & 1).mul(weights).sum(dim=1, dtype=torch.uint8)
+        for b in range(num_bits)]
     return torch.stack(planes)
 
 
 def unpack_bits(packed: torch.Tensor, shape: Sequence[int], num_bits: int = 1) -> torch.Tensor:
     """ Inverse of `pack_bits`: the integers as uint8 in `shape`. """
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    values = torch.zeros(packed.shape[1] * 8, device=packed.device, dtype=torch.uint8)
-    for b in range(num_bits):
+    values = (packed[0].unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)
+    for b in range(1, num_bits):
         values |= ((packed[b].unsqueeze(1) >> shifts) & 1).view(-1) << b
     return values[:numel].view(*shape)
 

@@ -29,7 +29,8 @@ from .._hub import hub_id
 from ..layers import Block
 from ..reversible import ReplayTape, ReversibleStep, State, Tape, pack_bits, unpack_bits
 from .reversible_vit import (
-    GridRangeGuard, QuantizedReversibleVisionTransformer, block_residual, block_residual_backward, quantize)
+    GridRangeGuard, QuantizedReversibleVisionTransformer, block_residual, block_residual_backward, grid_index_dtype,
+    quantize)
 from .vit_small_cifar import _cfg, _create_model
 
 __all__ = ['BDIAFirstStep', 'BDIACoupling', 'BDIAVisionTransformer']
@@ -78,10 +79,10 @@ class BDIACoupling(BDIAFirstStep):
     def _quantized_update(self, x: torch.Tensor, scaled_h: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         return quantize((1 - gamma) * x + scaled_h, self.level)
 
-    def _grid_offset(self, x_prev: torch.Tensor) -> torch.Tensor:
-        """ s 2^-l: the smallest grid step that makes x_prev's index a multiple of 1 / gamma. """
-        index = torch.round(x_prev * 2 ** self.level)
-        return torch.remainder(-index, 2 ** self.side_bits).div_(2 ** self.level)
+    def _grid_steps(self, x_prev: torch.Tensor) -> torch.Tensor:
+        """ s: the grid steps (an integer tensor) that make x_prev's index a multiple of 1 / gamma. """
+        index = torch.round(x_prev * 2 ** self.level).to(grid_index_dtype(x_prev))
+        return index.neg_().bitwise_and_(2 ** self.side_bits - 1)  # (-index) mod 2^side_bits
 
     def forward(self, state: State, tape: Tape) -> State:
         x_prev, x = state
@@ -90,17 +91,18 @@ class BDIACoupling(BDIAFirstStep):
             self.guard.track(self.index, x_next)
             return x, x_next
         gamma = self._sample_gamma(x)
-        offset = self._grid_offset(x_prev)
+        steps = self._grid_steps(x_prev)
         tape.save('gamma', lambda: gamma)
-        tape.save('offset', lambda: pack_bits(offset * 2 ** self.level, self.side_bits))
+        tape.save('steps', lambda: pack_bits(steps, self.side_bits))
         scaled_h = tape.run('h', block_residual(self.block, self.dtype, 1 + gamma), x)
-        x_next = gamma * (x_prev + offset) + self._quantized_update(x, scaled_h, gamma)
+        x_next = gamma * torch.add(x_prev, steps, alpha=2 ** -self.level) + self._quantized_update(x, scaled_h, gamma)
         self.guard.track(self.index, x_next)
         return x, x_next
 
     def _load_offset(self, tape: Tape, like: torch.Tensor) -> torch.Tensor:
-        bits = unpack_bits(tape.load('offset'), like.shape, self.side_bits)
-        return bits.to(like.dtype).div_(2 ** self.level)
+        """ s 2^-l, from the packed side bits. """
+        bits = unpack_bits(tape.load('steps'), like.shape, self.side_bits)
+        return bits.to(like.dtype).mul_(2 ** -self.level)
 
     def inverse(self, state: State, tape: Tape) -> State:
         x, x_next = state

@@ -27,16 +27,13 @@ from .._hub import hub_id
 from ..layers import Block
 from ..reversible import ReplayTape, ReversibleStep, State, Tape, pack_bits, straight_through, unpack_bits
 from .reversible_vit import (
-    GridRangeGuard, QuantizedReversibleVisionTransformer, block_residual, block_residual_backward, quantize)
+    GridRangeGuard, QuantizedReversibleVisionTransformer, block_residual, block_residual_backward, grid_index_dtype,
+    quantize)
 from .vit_small_cifar import _cfg, _create_model
 
 __all__ = ['MomentumCoupling', 'MomentumVisionTransformer', 'momentum_as_fraction']
 
 MAX_MOMENTUM_BITS = 7  # a < 2^7 keeps a * index(v) inside int32 for every |index| < 2^24
-
-
-def _index_dtype(stream: torch.Tensor) -> torch.dtype:
-    return torch.int64 if stream.dtype == torch.float64 else torch.int32
 
 
 def momentum_as_fraction(momentum: float) -> Tuple[int, int]:
@@ -64,12 +61,12 @@ class MomentumCoupling(ReversibleStep):
 
     def _decay(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ gamma v rounded down to the grid, and the low bits the rounding dropped. """
-        product = torch.round(v * 2 ** self.level).to(_index_dtype(v)).mul_(self.numerator)
+        product = torch.round(v * 2 ** self.level).to(grid_index_dtype(v)).mul_(self.numerator)
         decayed = (product >> self.bits).to(v.dtype).div_(2 ** self.level)
         return decayed, product.bitwise_and_(2 ** self.bits - 1)
 
     def _undecay(self, decayed: torch.Tensor, tape: Tape) -> torch.Tensor:
-        index_dtype = _index_dtype(decayed)
+        index_dtype = grid_index_dtype(decayed)
         dropped = unpack_bits(tape.load('dropped'), decayed.shape, self.bits).to(index_dtype)
         product = (torch.round(decayed * 2 ** self.level).to(index_dtype) << self.bits).add_(dropped)
         return product.div_(self.numerator, rounding_mode='floor').to(decayed.dtype).div_(2 ** self.level)

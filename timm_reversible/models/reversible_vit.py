@@ -19,10 +19,16 @@ from .vit_small_cifar import SmallDataVisionTransformer
 Scale = Union[None, float, torch.Tensor]
 
 __all__ = [
-    'ReversibleVisionTransformer', 'QuantizedReversibleVisionTransformer', 'GridRangeGuard', 'stream_dtype', 'block_residual', 'block_residual_backward', 'quantize',
+    'ReversibleVisionTransformer', 'QuantizedReversibleVisionTransformer', 'GridRangeGuard', 'stream_dtype',
+    'grid_index_dtype', 'block_residual', 'block_residual_backward', 'quantize',
     'reconstruction_error',
 ]
 
+
+
+def grid_index_dtype(stream: torch.Tensor) -> torch.dtype:
+    """ Integer dtype that holds every grid index of an exact stream (|index| < 2^24, or 2^53 in float64). """
+    return torch.int64 if stream.dtype == torch.float64 else torch.int32
 
 
 def stream_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -240,7 +246,8 @@ class GridRangeGuard:
 
     def track(self, block_index: int, *tensors: torch.Tensor) -> None:
         for t in tensors:
-            self.records.append((block_index, t.detach().abs().amax()))
+            low, high = torch.aminmax(t.detach())  # one pass instead of abs() then amax()
+            self.records.append((block_index, torch.maximum(-low, high)))
 
     def check(self) -> None:
         if not self.records:

@@ -224,7 +224,10 @@ class SmallDataVisionTransformer(nn.Module):
         return self.forward_head(x)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SmallDataVisionTransformer) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+        state_dict: Dict[str, torch.Tensor],
+        model: SmallDataVisionTransformer,
+) -> Dict[str, torch.Tensor]:
     """ Adapt a checkpoint to `model`: unwrap training wrappers and fit the patch norm to `in_chans`.
 
     timm adapts the projection kernel (`first_conv`) to another channel count itself; the patch
