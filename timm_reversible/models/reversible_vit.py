@@ -13,7 +13,7 @@ from timm.models._manipulate import checkpoint
 
 from ..layers import Block
 from ..reversible import (
-    ReplayTape, ReversibleStep, State, Tape, plain_forward, reconstruct, reversible_forward, straight_through)
+    ReplayTape, ReversibleStep, State, Tape, reconstruct, reversible_forward, straight_through)
 from .vit_small_cifar import SmallDataVisionTransformer
 
 Scale = Union[None, float, torch.Tensor]
@@ -23,7 +23,6 @@ __all__ = [
     'grid_index_dtype', 'block_residual', 'block_residual_backward', 'quantize',
     'reconstruction_error',
 ]
-
 
 
 def grid_index_dtype(stream: torch.Tensor) -> torch.dtype:
@@ -77,11 +76,9 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
         steps = self.make_steps(self.blocks)
         if self.uses_reversible_backward():
             state = reversible_forward(steps, state)
-        elif self.grad_checkpointing and torch.is_grad_enabled():
-            for step in steps:
-                state = checkpoint(_run_step, step, *state)
         else:
-            state = plain_forward(steps, state)
+            for step in steps:
+                state = self._run_plain_step(step, state)
         self._check_steps(steps)
         return self.state_features(state)
 
@@ -89,12 +86,15 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
         state = self.initial_state(x)
         steps = self.make_steps(self.blocks[:num_blocks])
         for step in steps:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                state = checkpoint(_run_step, step, *state)
-            else:
-                state = step.forward(state, Tape())
+            state = self._run_plain_step(step, state)
             yield self.state_features(state)
         self._check_steps(steps)
+
+    def _run_plain_step(self, step: ReversibleStep, state: State) -> State:
+        """ One step under ordinary autograd, checkpointed when gradient checkpointing is on. """
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(_run_step, step, *state)
+        return step.forward(state, Tape())
 
     def _check_steps(self, steps: Sequence[ReversibleStep]) -> None:
         """ Hook for range checks collected while the steps ran (one device sync per forward). """

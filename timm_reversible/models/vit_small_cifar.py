@@ -134,16 +134,20 @@ class SmallDataVisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 
+    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """ One block, checkpointed when gradient checkpointing is on and grads are recorded. """
+        return checkpoint(blk, x) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x)
+
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """ Tokens through all blocks. The reversible models override this. """
         for blk in self.blocks:
-            x = checkpoint(blk, x) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x)
+            x = self._run_block(blk, x)
         return x
 
     def block_outputs(self, x: torch.Tensor, num_blocks: int) -> Iterator[torch.Tensor]:
         """ Tokens -> the token features after each of the first `num_blocks` blocks (ordinary autograd). """
         for blk in self.blocks[:num_blocks]:
-            x = checkpoint(blk, x) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x)
+            x = self._run_block(blk, x)
             yield x
 
     def forward_intermediates(
