@@ -46,6 +46,7 @@ def _assert_same_gradients(model, x, tolerance: float, autocast_dtype=None):
     errors = {n: _relative_error(grads[n], ref_grads[n]) for n in ref_grads}
     errors['input'] = _relative_error(x_grad, ref_x_grad)
     worst = max(errors, key=errors.get)
+    print(f'{type(model).__name__} {x.dtype}: worst relative gradient error {errors[worst]:.3g} ({worst})')
     assert errors[worst] < tolerance, f'{worst}: relative gradient error {errors[worst]:.3g}'
     return errors
 
