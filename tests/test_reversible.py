@@ -1,6 +1,9 @@
 """ The reversible engine and the three reversible models: same gradients as ordinary autograd, exact
 reconstruction, randomness replayed without touching the caller's stream, autocast, accumulation.
 """
+import copy
+import re
+
 import pytest
 import timm
 import torch
@@ -18,69 +21,109 @@ REVERSIBLE = ['revvit_small_cifar', 'bdia_vit_small_cifar', 'momentum_revvit_sma
 EXACT = ['bdia_vit_small_cifar', 'momentum_revvit_small']
 DROPS = dict(drop_rate=0.1, pos_drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.2)
 NO_DROPS = dict(drop_rate=0., pos_drop_rate=0., proj_drop_rate=0., attn_drop_rate=0., drop_path_rate=0.)
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+FLOAT64_TOLERANCE = 1e-10
+# A float32 (or autocast) reversible backward is held to ordinary autograd's own float32 error against a
+# float64 reference with the same weights and randomness. Both are float32 evaluations of the same
+# function; the reversible backward adds one reconstruction rounding per block, of the size of the
+# forward's own roundings, so its error stays a small multiple of autograd's. Measured over 20 seeds at
+# depths 3, 12 and 24 the ratio stays within 0.7-1.5 for all three models; 4 leaves room for any machine.
+FLOAT32_ERROR_MULTIPLE = 4
+STEP_SEED = 7
 
 
-def _step(model, x, reversible: bool, seed: int = 7, autocast_dtype=None):
+def _step(model, x, reversible: bool, autocast_dtype=None):
     """ One training forward + backward; returns logits, parameter grads, input grad and the RNG state after. """
     model.set_reversible(reversible)
     model.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
-    torch.manual_seed(seed)
+    torch.manual_seed(STEP_SEED)
     with torch.autocast('cpu', dtype=autocast_dtype, enabled=autocast_dtype is not None):
         out = model(x)
     (out.float() * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    return out.detach(), grads, x.grad, torch.get_rng_state()
+    grads['input'] = x.grad
+    return out.detach(), grads, torch.get_rng_state()
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def _assert_same_gradients(model, x, tolerance: float, autocast_dtype=None):
-    ref_out, ref_grads, ref_x_grad, ref_rng = _step(model, x, reversible=False, autocast_dtype=autocast_dtype)
-    out, grads, x_grad, rng = _step(model, x, reversible=True, autocast_dtype=autocast_dtype)
+def _relative_errors_by_role(grads, reference):
+    """ Relative gradient error per parameter role: the same parameter of every block as one vector.
+
+    A single block's scalar gradient (an attention temperature) can nearly cancel, so its own relative
+    error measures the cancellation, not the arithmetic; the same parameter across blocks has one scale.
+    """
+    roles = {}
+    for name in reference:
+        roles.setdefault(re.sub(r'^blocks\.\d+\.', 'blocks.*.', name), []).append(name)
+    errors = {}
+    for role, names in roles.items():
+        diff = sum((grads[n].double() - reference[n].double()).square().sum() for n in names).sqrt()
+        norm = sum(reference[n].double().square().sum() for n in names).sqrt()
+        errors[role] = (diff / norm.clamp_min(1e-300)).item()
+    return errors
+
+
+def _assert_same_gradients(model, x, autocast_dtype=None):
+    ref_out, ref_grads, ref_rng = _step(model, x, reversible=False, autocast_dtype=autocast_dtype)
+    out, grads, rng = _step(model, x, reversible=True, autocast_dtype=autocast_dtype)
     assert torch.equal(out, ref_out), 'the reversible forward computes another function'
     assert torch.equal(rng, ref_rng), 'the global RNG is not where ordinary autograd leaves it'
-    errors = {n: _relative_error(grads[n], ref_grads[n]) for n in ref_grads}
-    errors['input'] = _relative_error(x_grad, ref_x_grad)
-    worst = max(errors, key=errors.get)
-    print(f'{type(model).__name__} {x.dtype}: worst relative gradient error {errors[worst]:.3g} ({worst})')
-    assert errors[worst] < tolerance, f'{worst}: relative gradient error {errors[worst]:.3g}'
-    return errors
+    if x.dtype == torch.float64 and autocast_dtype is None:
+        errors = {n: _relative_error(grads[n], ref_grads[n]) for n in ref_grads}
+        worst = max(errors, key=errors.get)
+        print(f'{type(model).__name__} float64: worst relative gradient error {errors[worst]:.3g} ({worst})')
+        assert errors[worst] < FLOAT64_TOLERANCE, f'{worst}: relative gradient error {errors[worst]:.3g}'
+        return
+    exact_out, exact_grads, _ = _step(copy.deepcopy(model).double(), x.double(), reversible=False)
+    with torch.no_grad():
+        torch.manual_seed(STEP_SEED)
+        plain_out = model(x)
+    # a reference that drew other dropout masks would differ by O(1), not by rounding
+    assert _relative_error(plain_out, exact_out) < 2 ** -8, 'the float64 reference saw other randomness'
+    autograd_errors = _relative_errors_by_role(ref_grads, exact_grads)
+    reversible_errors = _relative_errors_by_role(grads, exact_grads)
+    worst = max(reversible_errors, key=reversible_errors.get)
+    autograd_worst = max(autograd_errors.values())
+    print(f'{type(model).__name__} {x.dtype} autocast {autocast_dtype}: worst relative gradient error against '
+          f'float64, reversible {reversible_errors[worst]:.3g} ({worst}), ordinary autograd {autograd_worst:.3g}')
+    assert reversible_errors[worst] <= FLOAT32_ERROR_MULTIPLE * autograd_worst, (
+        f'{worst}: relative gradient error {reversible_errors[worst]:.3g}, more than {FLOAT32_ERROR_MULTIPLE}x '
+        f'ordinary autograd\'s own {autograd_worst:.3g}')
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 @pytest.mark.parametrize('name', REVERSIBLE)
 def test_gradients_equal_ordinary_autograd_with_dropout(name, dtype):
     model = timm.create_model(name, embed_dim=64, depth=3, num_heads=2, **DROPS).to(dtype).train()
-    _assert_same_gradients(model, images(4, dtype=dtype), TOLERANCE[dtype])
+    _assert_same_gradients(model, images(4, dtype=dtype))
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 @pytest.mark.parametrize('name', REVERSIBLE)
 def test_gradients_equal_ordinary_autograd_depth_12(name, dtype):
     model = timm.create_model(name, embed_dim=32, depth=12, num_heads=2, **DROPS).to(dtype).train()
-    _assert_same_gradients(model, images(2, dtype=dtype), TOLERANCE[dtype])
+    _assert_same_gradients(model, images(2, dtype=dtype))
 
 
 @pytest.mark.parametrize('split', [False, True])
 @pytest.mark.parametrize('name', EXACT)
 def test_joint_and_split_backward_give_the_same_gradients(name, split):
     model = timm.create_model(name, embed_dim=64, depth=3, num_heads=2, split_backward=split, **DROPS).double().train()
-    _assert_same_gradients(model, images(4, dtype=torch.float64), TOLERANCE[torch.float64])
+    _assert_same_gradients(model, images(4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize('name', REVERSIBLE)
 def test_bfloat16_autocast_reversible_matches_autograd(name):
     """ Under autocast the recomputation re-enters the forward's autocast. The bit-exact models see the
     same activations in both paths. The two-stream model reconstructs to float32 rounding; where that
-    crosses a bfloat16 rounding boundary, a recomputed element moves by one bfloat16 step, so its
-    gradients agree to well within bfloat16's resolution (2^-8), not to float32's.
+    crosses a bfloat16 rounding boundary, a recomputed element moves by one bfloat16 step: its error
+    against float64 stays that of ordinary autograd under the same autocast.
     """
     model = timm.create_model(name, embed_dim=64, depth=3, num_heads=2, **DROPS).train()
-    _assert_same_gradients(model, images(4), 1e-3 if name == 'revvit_small_cifar' else 1e-5, torch.bfloat16)
+    _assert_same_gradients(model, images(4), torch.bfloat16)
 
 
 @pytest.mark.parametrize('name', REVERSIBLE)
@@ -96,7 +139,7 @@ def test_gradient_accumulation(name):
             model(chunk).square().sum().backward()
         totals.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in totals[0]:
-        assert _relative_error(totals[1][n], totals[0][n]) < 1e-10, n
+        assert _relative_error(totals[1][n], totals[0][n]) < FLOAT64_TOLERANCE, n
 
 
 @pytest.mark.parametrize('name', ['revvit_small_cifar', 'momentum_revvit_small'])
