@@ -3,16 +3,10 @@ import pytest
 import torch
 
 import timm_reversible  # noqa: F401  registers the models
+from timm_reversible.utils import package_models  # noqa: F401  used by the test modules
 
 # Small configs keep the suite fast; the full-size configs appear only where size is what is tested.
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
-
-
-def package_models() -> list:
-    """ Every model this package registers with timm, read from timm's registry. """
-    return sorted(
-        name for name in timm.list_models()
-        if timm.models.model_entrypoint(name).__module__.startswith('timm_reversible'))
 
 
 @pytest.fixture(autouse=True)
