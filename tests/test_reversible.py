@@ -10,10 +10,8 @@ import torch
 
 import timm_reversible
 from timm_reversible import reconstruction_error
-from timm_reversible.models.bdia_vit import BDIACoupling, BDIAFirstStep
-from timm_reversible.models.momentum_revvit import MomentumCoupling
-from timm_reversible.models.revvit import TwoStreamCoupling
-from timm_reversible.reversible import pack_bits, unpack_bits
+from timm_reversible.reversible import (
+    BDIACoupling, BDIAFirstStep, MomentumCoupling, TwoStreamCoupling, pack_bits, unpack_bits)
 
 from conftest import images
 

@@ -1,27 +1,27 @@
 """ The reversible engine: a stack of invertible steps whose backward stores no per-step activations.
 
 The forward runs every step under no_grad and keeps only the final state and each step's side
-information (RNG snapshots, packed bits, signs). The backward walks the steps in reverse: each step
-reconstructs its input from its output while recomputing its residual functions with grad on that
-input, backpropagates the incoming gradient through them, and frees their graph before the next
-step, so at most one step's graph is alive at any moment.
+information (RNG snapshots, packed bits, random signs). The backward walks the steps in reverse: each
+step reconstructs its input from its output and backpropagates the incoming gradient through a
+recomputation of its residual functions on that input, then frees their graph before the next step,
+so at most one step's graph is alive at any moment.
 
-The engine knows nothing of any model. A step (a coupling or integrator) is an object with
-`forward(state, tape)`, `inverse(state, tape)` and `backward(state, grads, tape)`; it evaluates its
-residual functions through the tape (`tape.run`, `tape.vjp`), which replays randomness and autocast
-exactly, and keeps side information with `tape.save` / `tape.load`.
-
-A step's `backward` may update `state` and `grads` in place: they are buffers owned by the engine.
+The engine knows nothing of any model. A step is an object with `forward(state, tape)` and
+`inverse(state, tape)`; it evaluates its residual functions through the tape (`tape.run`), draws any
+other randomness through it (`tape.draw`) and keeps side information with `tape.save` / `tape.load`,
+so that the tape can replay all of it exactly. From those two methods the engine derives the
+backward: reconstruct with `inverse`, recompute `forward` with grad under the tape's replay,
+backpropagate. A step may override `backward` with a leaner fused form; it may then update `state`
+and `grads` in place: they are buffers owned by the engine.
 """
 import contextlib
-import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch.profiler import record_function
 
 __all__ = [
-    'Tape', 'ReplayTape', 'ReversibleStep', 'reversible_forward', 'plain_forward', 'reconstruct', 'State',
-    'pack_bits', 'unpack_bits', 'straight_through',
+    'State', 'Tape', 'ReplayTape', 'ReversibleStep', 'reversible_forward', 'plain_forward', 'reconstruct',
 ]
 
 State = Tuple[torch.Tensor, ...]
@@ -30,13 +30,19 @@ ResidualFn = Callable[[torch.Tensor], torch.Tensor]
 
 class Tape:
     """ A step's record of its forward pass. This base form serves ordinary autograd: functions run
-    directly and nothing is kept.
+    directly, random draws are made directly and nothing is kept.
     """
     replaying = False
 
     def run(self, name: str, fn: ResidualFn, x: torch.Tensor) -> torch.Tensor:
         """ Evaluate a residual function; `name` identifies its randomness within the step. """
         return fn(x)
+
+    def draw(self, name: str, sample: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """ Randomness a step draws outside its residual functions (e.g. random signs): the same value
+        again whenever the step is replayed.
+        """
+        return sample()
 
     def save(self, name: str, make_value: Callable[[], Any]) -> None:
         """ Keep side information for the backward; `make_value` is called only where it is kept. """
@@ -73,17 +79,24 @@ class _RngState:
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
-        """ Set the snapshot for the duration of the block; the caller's streams are left untouched. """
-        devices = [self.cuda_device] if self.cuda_device is not None else []
-        with torch.random.fork_rng(devices=devices, device_type='cuda'):
-            torch.set_rng_state(self.cpu)
-            if self.cuda_device is not None:
-                torch.cuda.set_rng_state(self.cuda, self.cuda_device)
+        """ Set the snapshot for the duration of the block; the caller's streams are left where they were. """
+        with record_function('reversible.rng'):
+            caller = _RngState(self.cuda_device or torch.device('cpu'))
+            self._set()
+        try:
             yield
+        finally:
+            with record_function('reversible.rng'):
+                caller._set()
+
+    def _set(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda_device is not None:
+            torch.cuda.set_rng_state(self.cuda, self.cuda_device)
 
 
 class ReplayTape(Tape):
-    """ The engine's tape: records RNG snapshots and side information in the forward, replays them after. """
+    """ The engine's tape: records RNG snapshots, draws and side information in the forward, replays them after. """
 
     def __init__(self, device: torch.device, autocast: _AutocastState):
         self.device = device
@@ -93,10 +106,16 @@ class ReplayTape(Tape):
 
     def run(self, name: str, fn: ResidualFn, x: torch.Tensor) -> torch.Tensor:
         if not self.replaying:
-            self.rng[name] = _RngState(self.device)
+            with record_function('reversible.rng'):
+                self.rng[name] = _RngState(self.device)
             return fn(x)
         with self.replay(name):
             return fn(x)
+
+    def draw(self, name: str, sample: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if not self.replaying:
+            self.side[name] = sample()
+        return self.side[name]
 
     @contextlib.contextmanager
     def replay(self, name: str) -> Iterator[None]:
@@ -114,12 +133,13 @@ class ReplayTape(Tape):
         """ Recompute `fn(x)` with grad, backpropagate `grad_output` (parameter grads accumulate in
         place) and free the graph. Returns the recomputed output, detached, and the gradient wrt x.
         """
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad(), self.replay(name):
-            y = fn(x)
-        # outside autocast: the backward runs in the dtypes the forward recorded
-        torch.autograd.backward(y, grad_output.to(y.dtype))
-        return y.detach(), x.grad
+        with record_function('reversible.recompute'):
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad(), self.replay(name):
+                y = fn(x)
+            # outside autocast: the backward runs in the dtypes the forward recorded
+            torch.autograd.backward(y, grad_output.to(y.dtype))
+            return y.detach(), x.grad
 
     def save(self, name: str, make_value: Callable[[], Any]) -> None:
         if not self.replaying:
@@ -130,7 +150,10 @@ class ReplayTape(Tape):
 
 
 class ReversibleStep:
-    """ One invertible step of a reversible stack (a coupling or integrator); model-specific. """
+    """ One invertible step of a reversible stack (a coupling or integrator); model-specific.
+
+    A step implements `forward` and `inverse`; `backward` has a default derived from them.
+    """
 
     def forward(self, state: State, tape: Tape) -> State:
         """ The step; runs under no_grad in the engine and with grad for ordinary autograd. """
@@ -141,8 +164,20 @@ class ReversibleStep:
         raise NotImplementedError
 
     def backward(self, state: State, grads: State, tape: ReplayTape) -> Tuple[State, State]:
-        """ (output, grad of output) -> (input, grad of input); reconstructs and backpropagates at once. """
-        raise NotImplementedError
+        """ (output, grad of output) -> (input, grad of input): reconstruct the input with `inverse`, then
+        backpropagate through `forward` recomputed on it with the forward's randomness.
+        """
+        with record_function('reversible.reconstruct'):
+            inputs = self.inverse(state, tape)
+        with record_function('reversible.recompute'):
+            leaves = tuple(x.detach().requires_grad_(True) for x in inputs)
+            with torch.enable_grad():
+                outputs = self.forward(leaves, tape)
+            pairs = [(y, g) for y, g in zip(outputs, grads) if y.requires_grad]
+            torch.autograd.backward([y for y, _ in pairs], [g.to(y.dtype) for y, g in pairs])
+        input_grads = tuple(
+            leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves)
+        return tuple(x.detach() for x in inputs), input_grads
 
 
 def _owned_grads(grads: Sequence[Optional[torch.Tensor]], state: State) -> List[torch.Tensor]:
@@ -163,22 +198,24 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, steps: Sequence[ReversibleStep], tapes: List[ReplayTape], anchor: torch.Tensor,
                 *state: torch.Tensor) -> State:
-        for step, tape in zip(steps, tapes):
-            state = step.forward(state, tape)
+        with record_function('reversible.forward'):
+            for step, tape in zip(steps, tapes):
+                state = step.forward(state, tape)
         ctx.steps, ctx.tapes = steps, tapes
         ctx.save_for_backward(*state)
         return tuple(state)
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
-        state = tuple(t.detach() for t in ctx.saved_tensors)
-        grads = tuple(_owned_grads(grads, state))
-        steps, tapes = ctx.steps, ctx.tapes
-        with torch.no_grad():
-            for i in reversed(range(len(steps))):
-                tape = tapes.pop()
-                tape.replaying = True
-                state, grads = steps[i].backward(state, grads, tape)
+        with record_function('reversible.backward'):
+            state = tuple(t.detach() for t in ctx.saved_tensors)
+            grads = tuple(_owned_grads(grads, state))
+            steps, tapes = ctx.steps, ctx.tapes
+            with torch.no_grad():
+                for i in reversed(range(len(steps))):
+                    tape = tapes.pop()
+                    tape.replaying = True
+                    state, grads = steps[i].backward(state, grads, tape)
         return (None, None, None) + tuple(grads)
 
 
@@ -220,43 +257,3 @@ def reconstruct(steps: Sequence[ReversibleStep], state: State) -> Tuple[List[Sta
         state = step.inverse(state, tape)
         reconstructed.append(state)
     return inputs, reconstructed[::-1]
-
-
-def pack_bits(values: torch.Tensor, num_bits: int = 1) -> torch.Tensor:
-    """ Pack non-negative integers below 2**num_bits into bytes: num_bits bit-planes, 8 elements per byte. """
-    flat = values.reshape(-1).to(torch.uint8)
-    if flat.numel() % 8:
-        flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
-    flat = flat.view(-1, 8)
-    weights = (1 << torch.arange(8, device=values.device, dtype=torch.uint8))
-    planes = [
-        (flat if num_bits == 1 else (flat >> b) & 1).mul(weights).sum(dim=1, dtype=torch.uint8)
-        for b in range(num_bits)]
-    return torch.stack(planes)
-
-
-def unpack_bits(packed: torch.Tensor, shape: Sequence[int], num_bits: int = 1) -> torch.Tensor:
-    """ Inverse of `pack_bits`: the integers as uint8 in `shape`. """
-    numel = math.prod(shape)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    values = (packed[0].unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)
-    for b in range(1, num_bits):
-        values |= ((packed[b].unsqueeze(1) >> shifts) & 1).view(-1) << b
-    return values[:numel].view(*shape)
-
-
-class _StraightThrough(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], slope: float) -> torch.Tensor:
-        ctx.slope = slope
-        return fn(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
-        return (grad if ctx.slope == 1 else grad * ctx.slope), None, None
-
-
-def straight_through(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], slope: float = 1.) -> torch.Tensor:
-    """ `fn(x)` whose gradient is taken to be `slope` (a straight-through estimator, e.g. for rounding). """
-    return _StraightThrough.apply(x, fn, slope)

@@ -1,0 +1,4 @@
+""" The reversible core, in layers whose imports go one way: engine <- grid <- couplings <- models. """
+from .engine import *
+from .grid import *
+from .couplings import *
