@@ -65,15 +65,24 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
     def check_steps(self, tokens: torch.Tensor) -> None:
         """ Hook called after the steps ran on `tokens` (one device sync per forward where it checks). """
 
+    @torch.jit.ignore
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_reversible_backward():
+            return self._forward_reversible(x)
         self.watch_steps(self.training and torch.is_grad_enabled())
         state = self.initial_state(x)
-        steps = self.make_steps(self.blocks)
-        if self.uses_reversible_backward():
-            state = reversible_forward(steps, state)
-        else:
-            for step in steps:
-                state = self._run_plain_step(step, state)
+        for step in self.make_steps(self.blocks):
+            state = self._run_plain_step(step, state)
+        self.check_steps(x)
+        return self.state_features(state)
+
+    @torch._dynamo.disable
+    def _forward_reversible(self, x: torch.Tensor) -> torch.Tensor:
+        """ The reversible engine and its range check, run eagerly: under torch.compile they are one graph
+        break between the compiled stem and head (the engine's backward recomputes with grad inside).
+        """
+        self.watch_steps(True)
+        state = reversible_forward(self.make_steps(self.blocks), self.initial_state(x))
         self.check_steps(x)
         return self.state_features(state)
 

@@ -28,6 +28,8 @@ class _StraightThrough(torch.autograd.Function):
 
 def straight_through(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], slope: float = 1.) -> torch.Tensor:
     """ `fn(x)` whose gradient is taken to be `slope` (a straight-through estimator, e.g. for rounding). """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return fn(x)  # nothing to backpropagate: also keeps eval forwards traceable
     return _StraightThrough.apply(x, fn, slope)
 
 
