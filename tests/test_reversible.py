@@ -184,16 +184,16 @@ def _record_block_inputs(monkeypatch, step_classes):
     return forward_inputs, backward_states
 
 
-@pytest.mark.parametrize('autocast', [False, True])
-@pytest.mark.parametrize('depth', [6, 24])
+@pytest.mark.parametrize('autocast', [None, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('depth', [6, pytest.param(24, marks=pytest.mark.slow)])
 @pytest.mark.parametrize('name', EXACT)
 def test_bit_exact_reconstruction(name, depth, autocast, monkeypatch):
     """ Inverse and backward recover every block input bit for bit, float32, train mode with random gamma
-    and dropout, inputs of realistic scale, and under bfloat16 autocast (stream and Q in float32).
+    and dropout, inputs of realistic scale, and under bfloat16 / float16 autocast (stream and Q in float32).
     """
     model = timm.create_model(name, embed_dim=64, depth=depth, num_heads=2, **DROPS).train()
     x = images(4) * 2.5
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast('cpu', dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         assert reconstruction_error(model, x) == 0.0
         inputs, reconstructed = model.reconstruct_block_inputs(x)
         for block, (original, recovered) in enumerate(zip(inputs, reconstructed)):
@@ -350,3 +350,36 @@ def test_fused_backward_equals_the_default_backward(name, split, dtype, monkeypa
         print(f'{name} split={split}: fused vs default backward, worst relative gradient error '
               f'{errors[worst]:.3g} ({worst})')
         assert errors[worst] < FLOAT64_TOLERANCE, worst
+
+
+@pytest.mark.parametrize('name', REVERSIBLE)
+def test_float16_autocast_reversible_matches_autograd(name):
+    model = timm.create_model(name, embed_dim=64, depth=3, num_heads=2, **DROPS).train()
+    _assert_same_gradients(model, images(4), torch.float16)
+
+
+@pytest.mark.parametrize('name', REVERSIBLE)
+def test_grad_scaler_skips_an_overflowing_step_and_takes_the_next(name):
+    """ fp16 autocast with a GradScaler: a scale that overflows the fp16 gradients makes the scaler skip
+    the step in both paths; after its back-off to 2^10 the next step updates the weights in both.
+    """
+    changes = {}
+    for reversible in (False, True):
+        model = timm.create_model(name, embed_dim=32, depth=2, num_heads=2, reversible=reversible).train()
+        if name in EXACT:
+            assert model.stream_dtype == torch.float32
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 40, backoff_factor=2. ** -30)
+        for step in range(2):
+            before = [p.detach().clone() for p in model.parameters()]
+            optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            with torch.autocast('cpu', dtype=torch.float16):
+                loss = model(images(4)).float().logsumexp(dim=1).mean()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            changes[reversible, step] = max((p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before))
+        assert scaler.get_scale() == 2. ** 10
+    assert changes[False, 0] == changes[True, 0] == 0.0, 'the overflowing step was taken'
+    assert changes[False, 1] > 0 and changes[True, 1] > 0

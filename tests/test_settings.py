@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from timm_reversible import GridRangeError, NonFiniteActivationError, reconstruction_error
+from timm_reversible import GridRangeError, NonFiniteActivationError, ReconstructionError, reconstruction_error
 from timm_reversible.reversible import MAX_BDIA_SIDE_BITS, MAX_MOMENTUM_BITS
 
 from conftest import images, package_models
@@ -158,3 +158,48 @@ def test_an_empty_batch_gives_an_empty_output(name, train):
     if train:
         out.sum().backward()
         assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+# ---- the run-time reconstruction check ----
+
+def _recompute_differently(model, block: int) -> None:
+    """ Make block `block` compute slightly otherwise with grad enabled, as another GPU kernel might: off by
+    2^-12, enough to move values that lie near a 2^-9 rounding boundary onto the other side.
+    """
+    target = model.blocks[block]
+    original = target.mlp_residual  # in the split backward, the MLP is the half recomputed with grad
+    target.mlp_residual = lambda x: original(x) + (2. ** -12 if torch.is_grad_enabled() else 0.)
+
+
+@pytest.mark.parametrize('name', EXACT)
+def test_a_recomputation_that_differs_is_caught_in_the_backward(name):
+    model = timm.create_model(name, depth=4, **TINY).train()
+    _recompute_differently(model, block=2)
+    with pytest.raises(ReconstructionError, match=r'step 2 \(block 2\).*use_deterministic_algorithms'):
+        model(images(4)).sum().backward()
+
+
+@pytest.mark.parametrize('name', EXACT)
+def test_without_the_check_such_a_recomputation_gives_wrong_gradients(name):
+    model = timm.create_model(name, depth=4, **TINY, verify_reconstruction=False).train()
+    _recompute_differently(model, block=2)
+    grads = []
+    for reversible in (False, True):
+        model.set_reversible(reversible)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        model(images(4)).sum().backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize('name', EXACT)
+def test_the_check_keeps_sixteen_bytes_per_sample_and_stream(name, monkeypatch):
+    from timm_reversible.reversible import engine
+    kept = []
+    fingerprint = engine._fingerprint
+    monkeypatch.setattr(engine, '_fingerprint', lambda state: kept.append(fingerprint(state)) or kept[-1])
+    model = timm.create_model(name, depth=3, **TINY).train()
+    model(images(4)).sum().backward()
+    forward = kept[:3]
+    assert all(f.dtype == torch.int64 and f.shape == (2, 2, 4) for f in forward)  # 2 streams x 2 sums x batch

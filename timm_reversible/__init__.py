@@ -7,7 +7,7 @@ Importing the package registers its models with timm:
 """
 from .models import *
 from .models import ReversibleVisionTransformer, reconstruction_error
-from .reversible import GridRangeError, NonFiniteActivationError
+from .reversible import GridRangeError, NonFiniteActivationError, ReconstructionError
 from ._hub import PretrainedWeightsNotFoundError
 
 __version__ = '0.1.0'

@@ -26,6 +26,7 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
     `reversible=True` (default) uses the reversible backward whenever grad is enabled;
     `set_reversible(False)` runs the same weights, same function, under ordinary autograd.
     """
+    verify_reconstruction = False  # the exact models check their reconstruction in the backward
 
     def __init__(self, *args, reversible: bool = True, **kwargs):
         """
@@ -82,7 +83,7 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
         break between the compiled stem and head (the engine's backward recomputes with grad inside).
         """
         self.watch_steps(True)
-        state = reversible_forward(self.make_steps(self.blocks), self.initial_state(x))
+        state = reversible_forward(self.make_steps(self.blocks), self.initial_state(x), self.verify_reconstruction)
         self.check_steps(x)
         return self.state_features(state)
 
@@ -119,7 +120,14 @@ class QuantizedReversibleVisionTransformer(ReversibleVisionTransformer):
     (float64 for float64 models) whatever the blocks' dtype, guarded against leaving the exact range.
     """
 
-    def __init__(self, *args, quant_level: int = 9, split_backward: bool = False, **kwargs):
+    def __init__(
+            self,
+            *args,
+            quant_level: int = 9,
+            split_backward: bool = False,
+            verify_reconstruction: bool = True,
+            **kwargs,
+    ):
         """
         Args:
             quant_level: l, an integer in [0, 24): the stream lives on the grid 2^-l, exact while
@@ -127,9 +135,13 @@ class QuantizedReversibleVisionTransformer(ReversibleVisionTransformer):
             split_backward: Recompute each block's residual in two halves in the backward (the MLP's
                 graph first, then the attention's): less activation memory for one more attention
                 forward per block.
+            verify_reconstruction: Keep a fingerprint of each block's input (16 bytes per sample and stream) and
+                raise `ReconstructionError` if the backward reconstructs anything else, e.g. where a GPU runs
+                other kernels with grad enabled than without.
             *args, **kwargs: As for ReversibleVisionTransformer.
         """
         super().__init__(*args, **kwargs)
+        self.verify_reconstruction = verify_reconstruction
         max_level = significand_bits(torch.float32)
         if isinstance(quant_level, bool) or not isinstance(quant_level, numbers.Integral) \
                 or not 0 <= quant_level < max_level:

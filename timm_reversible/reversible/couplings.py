@@ -132,6 +132,7 @@ class ResidualStep(ReversibleStep):
 
 class QuantizedStep(ResidualStep):
     """ A residual step whose stream lives on the grid 2^-level and reports its magnitude to a range guard. """
+    exact = True
 
     def __init__(self, block: nn.Module, index: int, level: int, guard: GridRangeGuard,
                  dtype: Optional[torch.dtype] = None, split: bool = False):

@@ -15,13 +15,15 @@ backpropagate. A step may override `backward` with a leaner fused form; it may t
 and `grads` in place: they are buffers owned by the engine.
 """
 import contextlib
+import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.profiler import record_function
 
 __all__ = [
-    'State', 'Tape', 'ReplayTape', 'ReversibleStep', 'reversible_forward', 'plain_forward', 'reconstruct',
+    'State', 'Tape', 'ReplayTape', 'ReversibleStep', 'ReconstructionError', 'reversible_forward', 'plain_forward',
+    'reconstruct',
 ]
 
 State = Tuple[torch.Tensor, ...]
@@ -152,8 +154,10 @@ class ReplayTape(Tape):
 class ReversibleStep:
     """ One invertible step of a reversible stack (a coupling or integrator); model-specific.
 
-    A step implements `forward` and `inverse`; `backward` has a default derived from them.
+    A step implements `forward` and `inverse`; `backward` has a default derived from them. An `exact` step
+    reconstructs its input bit for bit, which the engine can verify in the backward.
     """
+    exact = False
 
     def forward(self, state: State, tape: Tape) -> State:
         """ The step; runs under no_grad in the engine and with grad for ordinary autograd. """
@@ -193,15 +197,56 @@ def _owned_grads(grads: Sequence[Optional[torch.Tensor]], state: State) -> List[
     return owned
 
 
+class ReconstructionError(RuntimeError):
+    """ The backward reconstructed a different input for an exact step than its forward saw. """
+
+
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _fingerprint(state: State) -> torch.Tensor:
+    """ Per sample, the sum and the sum of squares of each tensor's bit patterns (16 bytes per sample and tensor):
+    any one changed value changes it. Integer sums do not depend on the order of summation, so a forward and a
+    backward that lay out the same values differently agree.
+    """
+    sums = []
+    for t in state:
+        # + 0 turns -0.0 into 0.0: equal values, whatever the sign of a zero the arithmetic produced
+        bits = (t.detach() + 0).view(_BITS[t.dtype]).reshape(t.shape[0], math.prod(t.shape[1:])).to(torch.int64)
+        sums.append(torch.stack([bits.sum(dim=1), (bits * bits).sum(dim=1)]))
+    return torch.stack(sums)
+
+
+def _raise_on_mismatch(checks: List[Tuple[int, torch.Tensor]]) -> None:
+    """ One device sync for the whole backward; the first step in backward order is where it went wrong. """
+    if not checks:
+        return
+    mismatched = torch.stack([bad for _, bad in checks])
+    if not bool(mismatched.any()):
+        return
+    step = checks[int(mismatched.nonzero()[0, 0])][0]
+    raise ReconstructionError(
+        f'The reversible backward reconstructed another input for step {step} (block {step}) than its forward '
+        f'computed: recomputing the block with grad enabled did not run bit for bit the same arithmetic as the '
+        f'forward without grad, so the gradients would be wrong. Likely causes on a GPU: a cuBLAS / cuDNN '
+        f'algorithm chosen differently, another scaled-dot-product-attention backend when inputs require grad, '
+        f'or dropout inside a fused attention kernel. Remedies: torch.use_deterministic_algorithms(True) with '
+        f'CUBLAS_WORKSPACE_CONFIG=:4096:8; pin one attention backend for both passes '
+        f'(torch.nn.attention.sdpa_kernel); or model.set_reversible(False) (ordinary autograd, more memory). '
+        f'`python -m timm_reversible.selfcheck` checks a machine.')
+
+
 class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx: Any, steps: Sequence[ReversibleStep], tapes: List[ReplayTape], anchor: torch.Tensor,
-                *state: torch.Tensor) -> State:
+    def forward(ctx: Any, steps: Sequence[ReversibleStep], tapes: List[ReplayTape], verify: bool,
+                anchor: torch.Tensor, *state: torch.Tensor) -> State:
+        fingerprints: List[Optional[torch.Tensor]] = []
         with record_function('reversible.forward'):
             for step, tape in zip(steps, tapes):
+                fingerprints.append(_fingerprint(state) if verify and step.exact else None)
                 state = step.forward(state, tape)
-        ctx.steps, ctx.tapes = steps, tapes
+        ctx.steps, ctx.tapes, ctx.fingerprints = steps, tapes, fingerprints
         ctx.save_for_backward(*state)
         return tuple(state)
 
@@ -210,13 +255,18 @@ class _ReversibleFunction(torch.autograd.Function):
         with record_function('reversible.backward'):
             state = tuple(t.detach() for t in ctx.saved_tensors)
             grads = tuple(_owned_grads(grads, state))
-            steps, tapes = ctx.steps, ctx.tapes
+            steps, tapes, fingerprints = ctx.steps, ctx.tapes, ctx.fingerprints
+            checks: List[Tuple[int, torch.Tensor]] = []
             with torch.no_grad():
                 for i in reversed(range(len(steps))):
                     tape = tapes.pop()
                     tape.replaying = True
                     state, grads = steps[i].backward(state, grads, tape)
-        return (None, None, None) + tuple(grads)
+                    expected = fingerprints.pop()
+                    if expected is not None:
+                        checks.append((i, (_fingerprint(state) != expected).any()))
+            _raise_on_mismatch(checks)
+        return (None, None, None, None) + tuple(grads)
 
 
 def _new_tapes(steps: Sequence[ReversibleStep], state: State) -> List[ReplayTape]:
@@ -224,15 +274,17 @@ def _new_tapes(steps: Sequence[ReversibleStep], state: State) -> List[ReplayTape
     return [ReplayTape(state[0].device, autocast) for _ in steps]
 
 
-def reversible_forward(steps: Sequence[ReversibleStep], state: State) -> State:
+def reversible_forward(steps: Sequence[ReversibleStep], state: State, verify: bool = True) -> State:
     """ Run the steps, storing only the final state and side information for the backward.
 
-    Gradients of the steps' parameters are accumulated into `.grad` by the backward (as reentrant
-    checkpointing does), so use `loss.backward()`, not `torch.autograd.grad`, through this function.
+    With `verify`, each exact step keeps a fingerprint of its input (16 bytes per sample and state tensor) and the
+    backward raises `ReconstructionError` if it reconstructs anything else. Gradients of the steps' parameters are
+    accumulated into `.grad` by the backward (as reentrant checkpointing does), so use `loss.backward()`, not
+    `torch.autograd.grad`, through this function.
     """
     # an input that requires grad keeps the function in the graph even when the state does not
     anchor = torch.empty(0, requires_grad=True)
-    return _ReversibleFunction.apply(steps, _new_tapes(steps, state), anchor, *state)
+    return _ReversibleFunction.apply(steps, _new_tapes(steps, state), verify, anchor, *state)
 
 
 def plain_forward(steps: Sequence[ReversibleStep], state: State) -> State:
