@@ -194,12 +194,14 @@ def test_without_the_check_such_a_recomputation_gives_wrong_gradients(name):
 
 
 @pytest.mark.parametrize('name', EXACT)
-def test_the_check_keeps_sixteen_bytes_per_sample_and_stream(name, monkeypatch):
+def test_the_check_keeps_sixteen_bytes_per_sample_and_block(name, monkeypatch):
     from timm_reversible.reversible import engine
     kept = []
     fingerprint = engine._fingerprint
     monkeypatch.setattr(engine, '_fingerprint', lambda state: kept.append(fingerprint(state)) or kept[-1])
     model = timm.create_model(name, depth=3, **TINY).train()
     model(images(4)).sum().backward()
-    forward = kept[:3]
-    assert all(f.dtype == torch.int64 and f.shape == (2, 2, 4) for f in forward)  # 2 streams x 2 sums x batch
+    # the forward's fingerprints, one per block that needs one (BDIA's first block reconstructs nothing)
+    forward = kept[:2 if name == 'bdia_vit_small_cifar' else 3]
+    assert all(f.dtype == torch.int64 and f.shape == (1, 2, 4) for f in forward)  # 1 stream x 2 sums x batch
+    assert len(kept) == 2 * len(forward)

@@ -135,7 +135,7 @@ class QuantizedReversibleVisionTransformer(ReversibleVisionTransformer):
             split_backward: Recompute each block's residual in two halves in the backward (the MLP's
                 graph first, then the attention's): less activation memory for one more attention
                 forward per block.
-            verify_reconstruction: Keep a fingerprint of each block's input (16 bytes per sample and stream) and
+            verify_reconstruction: Keep a fingerprint of each block's input (16 bytes per sample) and
                 raise `ReconstructionError` if the backward reconstructs anything else, e.g. where a GPU runs
                 other kernels with grad enabled than without.
             *args, **kwargs: As for ReversibleVisionTransformer.

@@ -132,7 +132,6 @@ class ResidualStep(ReversibleStep):
 
 class QuantizedStep(ResidualStep):
     """ A residual step whose stream lives on the grid 2^-level and reports its magnitude to a range guard. """
-    exact = True
 
     def __init__(self, block: nn.Module, index: int, level: int, guard: GridRangeGuard,
                  dtype: Optional[torch.dtype] = None, split: bool = False):
@@ -179,6 +178,7 @@ def bdia_side_bits(gamma: float) -> int:
 
 class BDIACoupling(BDIAFirstStep):
     """ (x_{k-1}, x_k) -> (x_k, x_{k+1}), the BDIA update with grid offsets s_k and random sign gamma_k. """
+    verified_inputs = (0,)  # x_{k-1}, recovered by dividing by gamma; x_k is the next step's x_{k-1}
 
     def __init__(self, block: nn.Module, index: int, level: int, guard: GridRangeGuard, gamma: float,
                  training: bool, dtype: Optional[torch.dtype] = None, split: bool = False):
@@ -256,6 +256,7 @@ def momentum_as_fraction(momentum: float) -> Tuple[int, int]:
 
 class MomentumCoupling(QuantizedStep):
     """ (x_k, v_k) -> (x_{k+1}, v_{k+1}), the momentum update on the 2^-l grid. """
+    verified_inputs = (1,)  # v_k goes through the recomputation; x_k = x_{k+1} - v_{k+1} is exact arithmetic
 
     def __init__(self, block: nn.Module, index: int, level: int, guard: GridRangeGuard, momentum: float,
                  dtype: Optional[torch.dtype] = None, split: bool = False):

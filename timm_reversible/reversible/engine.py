@@ -154,10 +154,11 @@ class ReplayTape(Tape):
 class ReversibleStep:
     """ One invertible step of a reversible stack (a coupling or integrator); model-specific.
 
-    A step implements `forward` and `inverse`; `backward` has a default derived from them. An `exact` step
-    reconstructs its input bit for bit, which the engine can verify in the backward.
+    A step implements `forward` and `inverse`; `backward` has a default derived from them. `verified_inputs`
+    names the parts of its input state that its backward reconstructs bit for bit through a recomputation: the
+    engine can check them against a fingerprint kept in the forward.
     """
-    exact = False
+    verified_inputs: Tuple[int, ...] = ()
 
     def forward(self, state: State, tape: Tape) -> State:
         """ The step; runs under no_grad in the engine and with grad for ordinary autograd. """
@@ -204,13 +205,13 @@ class ReconstructionError(RuntimeError):
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-def _fingerprint(state: State) -> torch.Tensor:
+def _fingerprint(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """ Per sample, the sum and the sum of squares of each tensor's bit patterns (16 bytes per sample and tensor):
     any one changed value changes it. Integer sums do not depend on the order of summation, so a forward and a
     backward that lay out the same values differently agree.
     """
     sums = []
-    for t in state:
+    for t in tensors:
         # + 0 turns -0.0 into 0.0: equal values, whatever the sign of a zero the arithmetic produced
         bits = (t.detach() + 0).view(_BITS[t.dtype]).reshape(t.shape[0], math.prod(t.shape[1:])).to(torch.int64)
         sums.append(torch.stack([bits.sum(dim=1), (bits * bits).sum(dim=1)]))
@@ -244,7 +245,8 @@ class _ReversibleFunction(torch.autograd.Function):
         fingerprints: List[Optional[torch.Tensor]] = []
         with record_function('reversible.forward'):
             for step, tape in zip(steps, tapes):
-                fingerprints.append(_fingerprint(state) if verify and step.exact else None)
+                verified = [state[i] for i in step.verified_inputs] if verify else []
+                fingerprints.append(_fingerprint(verified) if verified else None)
                 state = step.forward(state, tape)
         ctx.steps, ctx.tapes, ctx.fingerprints = steps, tapes, fingerprints
         ctx.save_for_backward(*state)
@@ -264,7 +266,8 @@ class _ReversibleFunction(torch.autograd.Function):
                     state, grads = steps[i].backward(state, grads, tape)
                     expected = fingerprints.pop()
                     if expected is not None:
-                        checks.append((i, (_fingerprint(state) != expected).any()))
+                        reconstructed = _fingerprint([state[j] for j in steps[i].verified_inputs])
+                        checks.append((i, (reconstructed != expected).any()))
             _raise_on_mismatch(checks)
         return (None, None, None, None) + tuple(grads)
 
@@ -277,7 +280,7 @@ def _new_tapes(steps: Sequence[ReversibleStep], state: State) -> List[ReplayTape
 def reversible_forward(steps: Sequence[ReversibleStep], state: State, verify: bool = True) -> State:
     """ Run the steps, storing only the final state and side information for the backward.
 
-    With `verify`, each exact step keeps a fingerprint of its input (16 bytes per sample and state tensor) and the
+    With `verify`, each step keeps a fingerprint of its `verified_inputs` (16 bytes per sample and tensor) and the
     backward raises `ReconstructionError` if it reconstructs anything else. Gradients of the steps' parameters are
     accumulated into `.grad` by the backward (as reentrant checkpointing does), so use `loss.backward()`, not
     `torch.autograd.grad`, through this function.
