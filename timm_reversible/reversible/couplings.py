@@ -198,7 +198,7 @@ class BDIACoupling(BDIAFirstStep):
     def _grid_offsets(self, x_prev: torch.Tensor) -> torch.Tensor:
         """ s: the grid steps (an integer tensor) that make x_prev's index a multiple of 1 / gamma. """
         with record_function('reversible.side_info'):
-            index = torch.round(x_prev * 2 ** self.level).to(grid_index_dtype(x_prev))
+            index = (x_prev * 2 ** self.level).round_().to(grid_index_dtype(x_prev))
             return index.neg_().bitwise_and_(2 ** self.side_bits - 1)  # (-index) mod 2^side_bits
 
     def _load_offsets(self, tape: Tape, like: torch.Tensor) -> torch.Tensor:
@@ -268,7 +268,7 @@ class MomentumCoupling(QuantizedStep):
     def _decay(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ gamma v rounded down to the grid, and the low bits the rounding dropped. """
         with record_function('reversible.side_info'):
-            product = torch.round(v * 2 ** self.level).to(grid_index_dtype(v)).mul_(self.numerator)
+            product = (v * 2 ** self.level).round_().to(grid_index_dtype(v)).mul_(self.numerator)
             decayed = (product >> self.bits).to(v.dtype).div_(2 ** self.level)
             return decayed, product.bitwise_and_(2 ** self.bits - 1)
 
@@ -276,7 +276,7 @@ class MomentumCoupling(QuantizedStep):
         with record_function('reversible.side_info'):
             index_dtype = grid_index_dtype(decayed)
             dropped = unpack_bits(tape.load('dropped'), decayed.shape, self.bits).to(index_dtype)
-            product = (torch.round(decayed * 2 ** self.level).to(index_dtype) << self.bits).add_(dropped)
+            product = ((decayed * 2 ** self.level).round_().to(index_dtype) << self.bits).add_(dropped)
             return product.div_(self.numerator, rounding_mode='floor').to(decayed.dtype).div_(2 ** self.level)
 
     def _velocity_input(self, x: torch.Tensor, tape: Tape) -> torch.Tensor:

@@ -36,7 +36,7 @@ def straight_through(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
 def quantize(x: torch.Tensor, level: int) -> torch.Tensor:
     """ Q(x) = round(x * 2^level) / 2^level, with a straight-through (identity) gradient. """
     scale = float(2 ** level)
-    return straight_through(x, lambda t: torch.round(t * scale).div_(scale))
+    return straight_through(x, lambda t: (t * scale).round_().div_(scale))
 
 
 def grid_index_dtype(stream: torch.Tensor) -> torch.dtype:
