@@ -54,6 +54,12 @@ class ShiftedPatchTokenization(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
             raise ValueError(f'Expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}.')
+        weight_dtype = self.proj.weight.dtype
+        if not x.is_floating_point() or (x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(
+                f'Expected a floating-point image batch of the model\'s dtype {weight_dtype}, got {x.dtype}: convert '
+                f'it (e.g. x.to({weight_dtype}) after scaling uint8 pixels to [0, 1] and normalising), or cast the '
+                f'model, or run under torch.autocast.')
         if x.shape[1] != self.in_chans:
             raise ValueError(
                 f'Input has {x.shape[1]} channels but the model was created with in_chans={self.in_chans}.')

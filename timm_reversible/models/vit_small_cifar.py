@@ -65,6 +65,15 @@ class SmallDataVisionTransformer(nn.Module):
         super().__init__()
         if global_pool not in ('', 'avg', 'token'):
             raise ValueError(f"global_pool must be '', 'avg' or 'token', got {global_pool!r}.")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f'depth must be an integer >= 1, got {depth!r}.')
+        if not mlp_ratio > 0:
+            raise ValueError(f'mlp_ratio must be > 0, got {mlp_ratio!r}.')
+        rates = dict(drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
+                     attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+        for name, rate in rates.items():
+            if not 0 <= rate < 1:
+                raise ValueError(f'{name} must be in [0, 1), got {rate!r}.')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -80,7 +89,7 @@ class SmallDataVisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, as timm's; no tensor needed
         self.blocks = nn.Sequential(*[
             Block(
                 dim=embed_dim,
