@@ -19,18 +19,15 @@ model.safetensors + config.json (timm's `save_for_hf`, loadable with
 `timm.create_model('local-dir:<dir>', pretrained=True)`) and results.json.
 """
 import argparse
-import csv
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -44,7 +41,7 @@ from timm.data import Mixup
 from timm.data import create_transform
 from timm.data.model_config import resolve_input_data_config  # timm's resolve_data_config, checked against the model
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model, get_pretrained_cfg, safe_model_name, save_for_hf
+from timm.models import create_model, get_pretrained_cfg, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import AverageMeter, ModelEmaV3, ParseKwargs, accuracy, update_summary
@@ -53,16 +50,12 @@ import timm_reversible  # noqa: F401  registers the package's models with timm
 from timm_reversible.data import (
     DIGITS, TRAIN_CROP_MODES, DatasetNotFoundError, DigitsDataset, create_image_dataset, create_train_transform,
     dataset_num_classes, seed_worker)
+from timm_reversible.training import (
+    CHECKPOINTS, NonFiniteLossError, ResumeArgsError, TrainingStateError, TrainProgress, check_resume_args,
+    dataset_tag, latest_checkpoint, load_checkpoint, read_args_yaml, restore_outputs, resolve_resume,
+    resume_arg_changes, run_changes_note, save_best, save_checkpoint, write_atomic, yaml_safe)
 
 _logger = logging.getLogger('train')
-
-CHECKPOINTS = 'checkpoints'
-LATEST = 'latest'
-BEST_FILES = ('model.safetensors', 'config.json')
-
-
-class NonFiniteLossError(RuntimeError):
-    """ The training loss became NaN or infinite. """
 
 
 # The first parser reads only --config: the YAML sets the main parser's defaults, as in timm's train.py.
@@ -98,6 +91,9 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--resume', default='', type=str, metavar='PATH',
                        help='resume the full training state: an experiment dir, its checkpoints/ dir or one '
                             'checkpoint dir (outputs go on in that experiment unless --experiment is given)')
+    group.add_argument('--resume-allow-changes', action='store_true', default=False,
+                       help='resume although flags differ from the run\'s args.yaml (the optimizer and schedule '
+                            'flags still come from the saved state); the changes are recorded')
     group.add_argument('--num-classes', type=int, default=None, metavar='N',
                        help='number of label classes (default: from the dataset, else the model default)')
     group.add_argument('--img-size', type=int, default=None, metavar='N',
@@ -232,179 +228,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(remaining)
     args.config = args_config.config
     return args
-
-
-@dataclass
-class TrainProgress:
-    """ Where training stands; checkpointed with the training state so a resumed run carries on from it. """
-    epoch: int = -1  # last completed epoch
-    num_updates: int = 0
-    train_loss: Optional[float] = None
-    best_top1: Optional[float] = None
-    best_top5: Optional[float] = None
-    best_epoch: Optional[int] = None
-    best_weights: Optional[str] = None
-    wall_time_s: float = 0.
-    peak_memory_mib: Optional[float] = None
-
-    def state_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints: every write goes to a temporary name first and is renamed into place, so an interrupted
-# write leaves the previous state and the 'latest' pointer intact.
-
-def _fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), 'rb') as f:
-                os.fsync(f.fileno())
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # the best weights are immutable once written: a hard link costs no space
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def latest_checkpoint(exp_dir: str) -> Optional[str]:
-    """ The newest complete training state of an experiment, or None. """
-    ckpt_root = os.path.join(exp_dir, CHECKPOINTS)
-    pointer = os.path.join(ckpt_root, LATEST)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        name = f.read().strip()
-    if name and os.path.isdir(os.path.join(ckpt_root, name)):
-        return os.path.join(ckpt_root, name)
-    # the named state was being replaced when the run died; every epoch-* dir is complete (renamed
-    # into place only once written), so the newest of them is the state to go on from
-    states = sorted(d for d in os.listdir(ckpt_root) if d.startswith('epoch-'))
-    return os.path.join(ckpt_root, states[-1]) if states else None
-
-
-def save_checkpoint(accelerator: Accelerator, exp_dir: str, epoch: int, keep: int) -> str:
-    """ Save the full training state after `epoch` atomically; returns its directory.
-
-    Every process writes into a temporary directory (Accelerate saves each process's RNG state); the
-    main process then adds a link to the current best weights, renames the directory into place and
-    only then moves the 'latest' pointer, so a kill at any point leaves the previous state usable.
-    """
-    ckpt_root = os.path.join(exp_dir, CHECKPOINTS)
-    name = f'epoch-{epoch:04d}'
-    tmp = os.path.join(ckpt_root, f'.tmp-{name}')
-    final = os.path.join(ckpt_root, name)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(ckpt_root, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # the best weights belong to the state: resuming from it restores them with the best score
-        os.makedirs(os.path.join(tmp, 'best'), exist_ok=True)
-        for fname in BEST_FILES:
-            src = os.path.join(exp_dir, fname)
-            if os.path.isfile(src):
-                _link_or_copy(src, os.path.join(tmp, 'best', fname))
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_atomic(os.path.join(ckpt_root, LATEST), name + '\n')
-        states = sorted(d for d in os.listdir(ckpt_root) if d.startswith('epoch-'))
-        for old in states[:max(0, len(states) - max(1, keep))]:
-            if old != name:
-                shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resolve_resume(path: str) -> Tuple[Optional[str], str]:
-    """ --resume PATH -> (checkpoint dir or None, experiment dir it belongs to).
-
-    PATH may be an experiment dir (its latest state; none yet starts from scratch there, so a
-    job that always passes --resume works from its first launch on), its checkpoints/ dir, or one
-    checkpoint dir.
-    """
-    path = os.path.normpath(path)
-    if os.path.isfile(os.path.join(path, LATEST)):  # checkpoints/ dir
-        exp_dir = os.path.dirname(path)
-        return latest_checkpoint(exp_dir), exp_dir
-    if os.path.isfile(os.path.join(path, 'random_states_0.pkl')):  # one state, <exp>/checkpoints/<name>
-        return path, os.path.dirname(os.path.dirname(path))
-    if os.path.isdir(path):
-        return latest_checkpoint(path), path
-    raise FileNotFoundError(f'--resume {path!r}: no such experiment or checkpoint directory.')
-
-
-# ---------------------------------------------------------------------------------------------------
-
-def _read_summary(path: str) -> List[Dict[str, str]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
-
-
-def _restore_outputs(ckpt_dir: str, src_exp: str, exp_dir: str, last_epoch: int) -> None:
-    """ Make the experiment's best weights and summary agree with a state being resumed.
-
-    A run killed after epoch N+1 wrote its row or best weights but before its state was saved
-    would otherwise keep them; epoch N+1 runs again and writes them anew.
-    """
-    # states after the one resumed belong to the abandoned continuation: training rewrites them
-    ckpt_root = os.path.join(exp_dir, CHECKPOINTS)
-    if os.path.isdir(ckpt_root):
-        for d in os.listdir(ckpt_root):
-            if d.startswith('epoch-') and int(d.split('-')[1]) > last_epoch:
-                shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
-    for fname in BEST_FILES:
-        src, dst = os.path.join(ckpt_dir, 'best', fname), os.path.join(exp_dir, fname)
-        if os.path.isfile(src):
-            if not (os.path.exists(dst) and os.path.samefile(src, dst)):
-                shutil.copy2(src, dst + '.tmp')
-                os.replace(dst + '.tmp', dst)
-        elif os.path.exists(dst):
-            os.remove(dst)
-    rows = [r for r in _read_summary(os.path.join(src_exp, 'summary.csv')) if int(r['epoch']) <= last_epoch]
-    summary = os.path.join(exp_dir, 'summary.csv')
-    if rows:
-        tmp = summary + '.tmp'
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, summary)
-    elif os.path.exists(summary):
-        os.remove(summary)
-
-
-def save_best(model: nn.Module, exp_dir: str, model_args: Dict[str, Any], data_config: Dict[str, Any]) -> None:
-    """ Best weights with timm's `save_for_hf` (model.safetensors + config.json), replaced atomically. """
-    tmp = os.path.join(exp_dir, '.best-tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_for_hf(model, tmp, model_config=dict(model_args=dict(model_args)), safe_serialization=True,
-                data_config=dict(data_config))
-    _fsync_tree(tmp)
-    # config.json is the same for every epoch of a run, so the two renames never pair mismatched files
-    for fname in BEST_FILES:
-        os.replace(os.path.join(tmp, fname), os.path.join(exp_dir, fname))
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _model_args(args: argparse.Namespace, num_classes: Optional[int], in_chans: int) -> Dict[str, Any]:
@@ -554,29 +377,6 @@ def _peak_memory_mib(accelerator: Accelerator) -> Optional[float]:
     return float(accelerator.gather(peak).max())
 
 
-def _yaml_safe(args: argparse.Namespace) -> Dict[str, Any]:
-    return yaml.safe_load(yaml.safe_dump(vars(args), default_flow_style=False))
-
-
-# flags that may change between a run and its resumption without changing what is trained
-_RESUME_FREE = {'resume', 'experiment', 'output', 'workers', 'log_interval', 'checkpoint_hist', 'config',
-                'validation_batch_size', 'data_dir', 'dataset_download'}
-
-
-def _warn_changed_args(args: argparse.Namespace, args_yaml: str) -> None:
-    # the state restores the weights, optimizer, schedule and RNG, not the recipe: a resumed run
-    # continues exactly only with the flags it was started with
-    if not os.path.isfile(args_yaml):
-        return
-    with open(args_yaml) as f:
-        before = yaml.safe_load(f) or {}
-    now = _yaml_safe(args)
-    changed = sorted(k for k in set(before) | set(now) if k not in _RESUME_FREE and before.get(k) != now.get(k))
-    if changed:
-        _logger.warning('Resuming with flags that differ from the run\'s args.yaml: ' + ', '.join(
-            f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """ Train as the command line says; returns the contents of results.json. """
     args = parse_args(argv)
@@ -597,6 +397,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     logging.getLogger('accelerate').setLevel(logging.WARNING)  # its per-file checkpoint lines drown the epochs
     _logger.info(f'Training with {accelerator.num_processes} process(es) on {accelerator.device}, '
                  f'mixed precision: {accelerator.mixed_precision}.')
+
+    # A resumed run goes on with the flags it was started with (checked before anything is built from them).
+    _resolve_lr(args, accelerator.num_processes)
+    ckpt_dir, resume_exp, resume_changes = None, None, {}
+    if args.resume:
+        ckpt_dir, resume_exp = resolve_resume(args.resume)
+        recorded = read_args_yaml(resume_exp)
+        if recorded is not None and ckpt_dir is not None:
+            now = yaml_safe(vars(args))
+            goes_on_with = check_resume_args(recorded, now, args.resume_allow_changes)
+            for k, v in goes_on_with.items():
+                if hasattr(args, k) and now[k] != v:
+                    setattr(args, k, v)  # restored from the state: record what runs
+            resume_changes = resume_arg_changes(recorded, goes_on_with)
 
     # Same seed everywhere for identical initial weights; per-process below for augmentation.
     set_seed(args.seed)
@@ -683,7 +497,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     else:
         train_loss_fn = nn.CrossEntropyLoss()
 
-    _resolve_lr(args, accelerator.num_processes)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     model, optimizer, loader_train, loader_eval = accelerator.prepare(model, optimizer, loader_train, loader_eval)
     if len(loader_train) == 0:
@@ -709,9 +522,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         accelerator.register_for_checkpointing(model_ema)
 
     # Output directory: the same on every process (save_state writes from all of them).
-    ckpt_dir, resume_exp = None, None
-    if args.resume:
-        ckpt_dir, resume_exp = resolve_resume(args.resume)
     if args.experiment:
         exp_dir = os.path.join(args.output or './output/train', args.experiment)
     elif resume_exp is not None:
@@ -733,10 +543,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
 
     if ckpt_dir is not None:
-        _warn_changed_args(args, os.path.join(resume_exp, 'args.yaml'))
-        accelerator.load_state(ckpt_dir)
+        load_checkpoint(accelerator, ckpt_dir)
         if accelerator.is_main_process:
-            _restore_outputs(ckpt_dir, resume_exp, exp_dir, progress.epoch)
+            restore_outputs(ckpt_dir, resume_exp, exp_dir, progress.epoch)
         accelerator.wait_for_everyone()
         _logger.info(f'Resumed from {ckpt_dir} after epoch {progress.epoch} ({progress.num_updates} updates).')
     else:
@@ -746,8 +555,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         set_seed(args.seed, device_specific=True)
     start_epoch = progress.epoch + 1
 
+    recorded_args = yaml_safe(vars(args))
+    if resume_changes:
+        recorded_args['resumed_with_changes'] = run_changes_note(resume_exp, start_epoch, resume_changes)
     if accelerator.is_main_process:
-        _write_atomic(os.path.join(exp_dir, 'args.yaml'), yaml.safe_dump(_yaml_safe(args), default_flow_style=False))
+        write_atomic(os.path.join(exp_dir, 'args.yaml'), yaml.safe_dump(recorded_args, default_flow_style=False))
     _logger.info(f'Output: {exp_dir}. {len(dataset_train)} training, {len(dataset_eval)} evaluation images, '
                  f'input {tuple(data_config["input_size"])}, {updates_per_epoch} updates per epoch, '
                  f'{num_epochs} epochs, lr {args.lr:.3g}.')
@@ -784,7 +596,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     progress.best_epoch, progress.best_weights = epoch, weights
                     if accelerator.is_main_process:
                         best = accelerator.unwrap_model(model) if weights == 'model' else model_ema.module
-                        save_best(best, exp_dir, model_args, data_config)
+                        save_best(best, exp_dir, model_args, data_config, pretrained_tag=dataset_tag(args.dataset))
                 lrs = [g['lr'] for g in optimizer.param_groups]
                 if accelerator.is_main_process:
                     update_summary(epoch, train_metrics, summary_metrics, os.path.join(exp_dir, 'summary.csv'),
@@ -795,13 +607,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 progress.wall_time_s += time.perf_counter() - t0
                 ema_text = f', ema top1 {ema_metrics["top1"]:.2f}' if model_ema is not None else ''
                 _logger.info(
-                    f'Epoch {epoch}/{num_epochs - 1}: train_loss {train_metrics["loss"]:.4f}, '
+                    f'Epoch {epoch + 1}/{num_epochs}: train_loss {train_metrics["loss"]:.4f}, '
                     f'eval_loss {eval_metrics["loss"]:.4f}, top1 {eval_metrics["top1"]:.2f}, '
                     f'top5 {eval_metrics["top5"]:.2f}{ema_text} (best {progress.best_top1:.2f} at '
                     f'{progress.best_epoch}), lr {sum(lrs) / len(lrs):.3e}, {time.perf_counter() - t0:.1f}s')
                 # last: the saved RNG state is the one the next epoch starts from
                 save_checkpoint(accelerator, exp_dir, epoch, args.checkpoint_hist)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, FloatingPointError) as e:
+        # the exact models raise FloatingPointError for NaN / inf or out-of-range activations: the same stop
         latest = latest_checkpoint(exp_dir)
         kept = (f'The last good training state is kept: {latest} (resume with --resume {exp_dir}).'
                 if latest else 'No epoch had completed, so there is no training state to resume.')
@@ -825,11 +638,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         device=_device_name(accelerator),
         num_processes=accelerator.num_processes,
         mixed_precision=str(accelerator.mixed_precision),
-        recipe=_yaml_safe(args),
+        recipe=recorded_args,
         weights=progress.best_weights,
     )
     if accelerator.is_main_process:
-        _write_atomic(os.path.join(exp_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
+        write_atomic(os.path.join(exp_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
         _logger.info(f'Done: best top1 {progress.best_top1:.2f} (epoch {progress.best_epoch}, {progress.best_weights} '
                      f'weights) in {progress.wall_time_s:.1f}s. Best model: {exp_dir}/model.safetensors')
     accelerator.wait_for_everyone()
@@ -840,7 +653,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def cli() -> int:
     try:
         main()
-    except (NonFiniteLossError, DatasetNotFoundError, FileExistsError) as e:
+    except (NonFiniteLossError, DatasetNotFoundError, FileExistsError, ResumeArgsError, TrainingStateError) as e:
         # an expected stop: the message says what to do, a traceback would bury it
         if int(os.environ.get('RANK', '0')) == 0:
             print(f'ERROR: {e}', file=sys.stderr)
