@@ -1,22 +1,13 @@
-""" The Hub namespace and the clear error of `pretrained=True` before weights are published, offline.
-
-`FakeHub` replaces huggingface_hub's network boundary (its httpx client) with an in-process Hub that
-knows no repositories; the real huggingface_hub and timm code runs on top of it.
+""" The Hub namespace and the clear error of `pretrained=True` before weights are published, offline, against
+conftest's in-process `fake_hub`.
 """
-import base64
-import hashlib
-import json
 from pathlib import Path
-from typing import Dict, List
 
-import httpx2
-import huggingface_hub
 import pytest
 import timm
 import yaml
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-from huggingface_hub.utils import _http
 
 from timm_reversible import _hub
 from timm_reversible._hub import HUB_NAMESPACE_ENV, PretrainedWeightsNotFoundError, hub_id, hub_namespace
@@ -24,74 +15,6 @@ from timm_reversible._hub import HUB_NAMESPACE_ENV, PretrainedWeightsNotFoundErr
 from conftest import SMALL, package_models
 
 MODELS = package_models()
-
-
-class FakeHub:
-    """ The Hub's HTTP API as far as publishing and downloading use it: repositories are created, commits
-    store their files, downloads serve them; everything else is 'not found'. Records every request. """
-
-    def __init__(self):
-        self.requests: List[httpx2.Request] = []
-        self.created: List[Dict] = []
-        self.commits: List[Dict] = []
-        self.repos: Dict[str, Dict[str, bytes]] = {}  # repo id -> files, as committed
-        self.create_status = 200  # e.g. 403: the token may not write there
-
-    def __call__(self, request: httpx2.Request) -> httpx2.Response:
-        self.requests.append(request)
-        path = request.url.path
-        if request.method == 'POST' and path == '/api/repos/create':
-            body = json.loads(request.content)
-            if self.create_status != 200:
-                return httpx2.Response(self.create_status, json={'error': 'You don\'t have the rights to create a model'})
-            self.created.append(body)
-            repo_id = f"{body['organization']}/{body['name']}"
-            return httpx2.Response(200, json={'url': f'https://huggingface.co/{repo_id}', 'name': repo_id})
-        if request.method == 'POST' and path == '/api/validate-yaml':
-            content = json.loads(request.content)['content']
-            try:
-                yaml.safe_load(content.split('---')[1])
-            except yaml.YAMLError as e:
-                return httpx2.Response(400, json={'errors': [{'message': str(e)}]})
-            return httpx2.Response(200, json={'errors': [], 'warnings': []})
-        if request.method == 'POST' and '/preupload/' in path:
-            files = json.loads(request.content)['files']
-            return httpx2.Response(200, json={'files': [
-                {'path': f['path'], 'uploadMode': 'regular', 'shouldIgnore': False} for f in files]})
-        if request.method == 'POST' and '/commit/' in path:
-            lines = [json.loads(line) for line in request.content.decode().splitlines()]
-            repo_id = path.split('/api/models/')[1].split('/commit/')[0]
-            files = {l['value']['path']: base64.b64decode(l['value']['content']) for l in lines if l['key'] == 'file'}
-            self.commits.append(dict(repo_id=repo_id, summary=lines[0]['value']['summary'], files=files))
-            self.repos.setdefault(repo_id, {}).update(files)
-            return httpx2.Response(200, json={
-                'commitUrl': f'https://huggingface.co/{repo_id}/commit/{"0" * 40}', 'commitOid': '0' * 40})
-        if request.method in ('HEAD', 'GET') and '/resolve/main/' in path:
-            repo_id, filename = path.lstrip('/').split('/resolve/main/')
-            if repo_id in self.repos:
-                if filename not in self.repos[repo_id]:
-                    return httpx2.Response(404, headers={'X-Error-Code': 'EntryNotFound'}, json={'error': 'Entry not found'})
-                data = self.repos[repo_id][filename]
-                headers = {'x-repo-commit': '0' * 40, 'etag': f'"{hashlib.sha256(data).hexdigest()}"',
-                           'content-length': str(len(data))}
-                return httpx2.Response(200, headers=headers, content=b'' if request.method == 'HEAD' else data)
-        return httpx2.Response(404, headers={'X-Error-Code': 'RepoNotFound'}, json={'error': 'Repository not found'})
-
-    def urls(self) -> List[str]:
-        return [str(r.url) for r in self.requests]
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    """ huggingface_hub talks to a `FakeHub`: online mode, an empty cache, no network. """
-    hub = FakeHub()
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
-    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hub_cache'))
-    huggingface_hub.set_client_factory(lambda: httpx2.Client(
-        transport=httpx2.MockTransport(hub), event_hooks={'request': [_http.hf_request_event_hook]},
-        follow_redirects=True))
-    yield hub
-    huggingface_hub.set_client_factory(_http.default_client_factory)
 
 
 @pytest.fixture

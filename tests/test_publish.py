@@ -2,12 +2,12 @@
 import contextlib
 import copy
 import dataclasses
-import importlib.util
 import io
 import json
-import logging
-import runpy
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Tuple
 
@@ -15,7 +15,6 @@ import pytest
 import timm
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
@@ -25,8 +24,7 @@ from timm_reversible import publish as pub
 from timm_reversible._hub import HUB_NAMESPACE_ENV
 from timm_reversible.profiling import activation_memory_per_image, count_flops, count_params
 
-from conftest import package_models
-from test_hub import fake_hub  # noqa: F401  the Hub's HTTP API, in process
+from conftest import package_models, run_train_script
 
 MODELS = package_models()
 
@@ -47,18 +45,8 @@ RESULTS = dict(
 
 
 def train_run(output: Path, experiment: str = 'digits_run') -> Path:
-    """ `python scripts/train.py TRAIN_ARGS...`, in this process (a subprocess would import torch again). """
-    spec = importlib.util.spec_from_file_location('timm_reversible_train_for_publish', REPO / 'scripts' / 'train.py')
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    threads, level = torch.get_num_threads(), logging.getLogger().level
-    torch.set_num_threads(1)
-    try:
-        train.main(TRAIN_ARGS + ['--output', str(output), '--experiment', experiment])
-    finally:
-        torch.set_num_threads(threads)
-        logging.getLogger().setLevel(level)
-        AcceleratorState._reset_state(reset_partial_state=True)
+    """ `python scripts/train.py TRAIN_ARGS...`, as a user runs it. """
+    run_train_script(TRAIN_ARGS + ['--output', str(output), '--experiment', experiment], output)
     return output / experiment
 
 
@@ -82,12 +70,11 @@ def run(tmp_path_factory):
 
 
 def publish_cli(*argv: str) -> Tuple[int, str, str]:
-    """ `python scripts/publish.py ARGV...`, run in this process (a subprocess would import torch again). """
-    main = runpy.run_path(str(REPO / 'scripts' / 'publish.py'), run_name='publish_script')['main']
+    """ The command line of `scripts/publish.py` (`timm_reversible.publish.cli`), in this process. """
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = main([str(a) for a in argv])
+            code = pub.cli([str(a) for a in argv])
         except SystemExit as e:
             code = e.code
     return code, out.getvalue(), err.getvalue()
@@ -177,9 +164,16 @@ PAPERS = {
 
 
 @pytest.mark.parametrize('name', sorted(set(MODELS) | set(PAPERS)))
-def test_every_model_has_a_card_template(name):
-    template = pub.card_template_path(name).read_text()
-    readme = pub.render_card(template, {k: f'<{k}>' for k in pub.CARD_FIELDS})
+def test_every_model_has_card_fields(name):
+    """ One template for every model, rendered with that model's fields and placeholders for the run's. """
+    template = pub.card_template(name)
+    run_fields = {k: f'<{k}>' for k in pub.CARD_FIELDS}
+    model = template.model
+    readme = pub.render_card(template.text, dict(
+        run_fields, description=model['description'].replace('${dataset}', '<dataset>'),
+        papers='\n'.join(f'  - {p}' for p in model['papers']),
+        memory_saving=pub.render_card(template.memory_saving, run_fields) if model['memory_saving'] else '',
+        citations='\n'.join(f'```bibtex\n{c}```' for c in model['citations'])))
     assert '$' not in readme
     meta = _front_matter(readme.replace('<datasets_yaml>', '- cifar10'))
     assert {'image-classification', 'timm', 'timm-reversible'} <= set(meta['tags'])
@@ -189,10 +183,16 @@ def test_every_model_has_a_card_template(name):
     for field in ('params_m', 'gmacs', 'act_mib', 'img_size', 'comparison_table'):
         assert f'<{field}>' in readme
     assert all(b.startswith('import timm_reversible') for b in _python_blocks(readme))
+    assert ('### Memory-saving training' in readme) == (name != 'vit_small_cifar')
     citation = readme.split('## Citation')[1]
     for paper in PAPERS.get(name, ['2112.13492']):
         assert paper in citation and paper in readme.split('## Model Usage')[0]
     assert citation.count('@') == len(PAPERS.get(name, [0]))
+
+
+def test_a_model_without_card_fields_is_an_error():
+    with pytest.raises(pub.PublishError, match='No model card fields'):
+        pub.card_template('resnet18')
 
 
 def test_unknown_placeholder_is_an_error():
@@ -397,3 +397,27 @@ def test_card_usage_code_runs(name, tmp_path, monkeypatch):
 def test_vit_card_usage_code_runs(published, tmp_path, monkeypatch):
     folder, _ = published
     _run_card_code((folder / 'README.md').read_text(), folder, tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_publish_from_an_installed_wheel(run, tmp_path):
+    """ The card template ships in the wheel: a publish from an installed copy, far from the repository. """
+    wheels, site = tmp_path / 'wheels', tmp_path / 'site'
+    pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q']
+    subprocess.run(pip + ['wheel', '--no-deps', '--no-build-isolation', '-w', str(wheels), str(REPO)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    wheel, = wheels.glob('timm_reversible-*.whl')
+    subprocess.run(pip + ['install', '--no-deps', '--target', str(site), str(wheel)], check=True, capture_output=True)
+    code = ('import sys, timm_reversible\n'
+            'from timm_reversible.publish import cli\n'
+            'print(timm_reversible.__file__)\n'
+            'sys.exit(cli(sys.argv[1:]))\n')
+    folder = tmp_path / 'published'
+    proc = subprocess.run(
+        [sys.executable, '-c', code, str(run[0]), '--repo-id', 'tester/vit_small_cifar-digits', '--dry-run',
+         '--local-dir', str(folder), '--act-batch-size', '2'],
+        capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0].startswith(str(site))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(pub.PUBLISHED_FILES)
+    assert '## Citation' in (folder / 'README.md').read_text()

@@ -1,42 +1,28 @@
-""" scripts/train.py: real training on the offline digits data, data parallel over gloo, exact resume.
-
-Training runs in this process (calling the script's `main`) where a subprocess would only add its
-start-up time; the data-parallel run is a real `torchrun` with two gloo processes.
+""" scripts/train.py end to end, as a user runs it: real training on the offline digits in a subprocess, data
+parallel over gloo with torchrun, exact resume after the process is killed, clean stops. The training state
+code itself (timm_reversible.training) is tested in tests/test_faults.py.
 """
 import csv
-import importlib.util
 import json
-import logging
-import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 import timm
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+import yaml
 from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
-from conftest import SMALL, package_models
+from conftest import SMALL, TRAIN_SCRIPT, run_train_script as train, script_env
 from timm_reversible.data import DigitsDataset
+from timm_reversible.training import resume_arg_changes
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO / 'scripts' / 'train.py'
-RECIPES = REPO / 'recipes'
-
-
-def _load_script() -> Any:
-    spec = importlib.util.spec_from_file_location('timm_reversible_train_script', TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_script()
+RECIPES = TRAIN_SCRIPT.parents[1] / 'recipes'
 
 SUMMARY_COLUMNS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
 RESULT_KEYS = {
@@ -50,17 +36,8 @@ FAST = ['--opt', 'adamw', '--lr', '2e-3', '--weight-decay', '0.05', '--sched', '
         '-b', '32', '--epochs', '4', '--no-aug', '--hflip', '0', '--smoothing', '0']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate():
-    # One thread: float sums are the same from run to run, and a shared 2-core machine is not
-    # oversubscribed by spinning threads. Accelerate keeps process-wide state: reset it after.
-    threads = torch.get_num_threads()
-    level = logging.getLogger().level
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    logging.getLogger().setLevel(level)
-    AcceleratorState._reset_state(reset_partial_state=True)
+def _results(exp: Path) -> Dict[str, Any]:
+    return json.loads((exp / 'results.json').read_text())
 
 
 def _summary(exp: Path) -> List[Dict[str, str]]:
@@ -101,21 +78,28 @@ def _digits_top1(model: torch.nn.Module, batch_size: int) -> float:
     return 100. * correct / len(ds)
 
 
-@pytest.mark.parametrize('model_name', package_models())
-def test_digits_training_far_above_chance(model_name: str, tmp_path: Path):
-    """ A real run on the offline digits: far above chance (10%), outputs as agreed, weights reloadable. """
-    results = train.main(DIGITS + FAST + ['--model', model_name, '--output', str(tmp_path), '--experiment', 'run'])
+@pytest.mark.slow
+@pytest.mark.parametrize('model_name', ['vit_small_cifar', 'bdia_vit_small_cifar'])
+def test_digits_run_writes_the_output_contract(model_name: str, tmp_path: Path):
+    """ A real run on the offline digits (the plain model and an exact reversible one): far above chance
+    (10%), outputs as agreed, weights reloadable by timm from the folder alone, a log line per epoch.
+    """
+    proc = train(DIGITS + FAST + ['--model', model_name, '--output', str(tmp_path), '--experiment', 'run'], tmp_path)
     exp = tmp_path / 'run'
+    results = _results(exp)
     print(f"{model_name}: digits best top-1 {results['best_top1']:.2f}% after {results['epochs']} epochs")
     assert results['best_top1'] >= 70., results
+    out = proc.stdout + proc.stderr
+    assert [out.count(f'Epoch {e}/4:') for e in (1, 2, 3, 4)] == [1, 1, 1, 1], out
+    assert 'Epoch 0/' not in out
 
     # the output contract scripts/publish.py reads
-    assert set(json.loads((exp / 'results.json').read_text())) == RESULT_KEYS
+    assert set(results) == RESULT_KEYS
     assert results['model'] == model_name and results['num_classes'] == 10 and results['img_size'] == 16
     assert results['epochs'] == 4 and results['num_processes'] == 1 and results['weights'] == 'model'
     assert results['model_args'] == dict(SMALL, num_classes=10, in_chans=3, img_size=16, drop_rate=0.)
     assert results['recipe']['model'] == model_name and results['recipe']['lr'] == 2e-3
-    assert (exp / 'args.yaml').is_file()
+    assert yaml.safe_load((exp / 'args.yaml').read_text()) == results['recipe']
     rows = _summary(exp)
     assert list(rows[0].keys()) == SUMMARY_COLUMNS
     assert [int(r['epoch']) for r in rows] == [0, 1, 2, 3]
@@ -127,7 +111,13 @@ def test_digits_training_far_above_chance(model_name: str, tmp_path: Path):
     for k, v in SMALL.items():
         assert config['model_args'][k] == v
     assert config['model_args']['in_chans'] == 3 and config['model_args']['drop_rate'] == 0.
-    assert list(config['pretrained_cfg']['input_size']) == [3, 16, 16]
+    cfg = config['pretrained_cfg']
+    assert list(cfg['input_size']) == [3, 16, 16]
+    # the run's own tag and normalisation, not those of the registered CIFAR-10 weights
+    assert cfg['tag'] == 'digits' and 'hf_hub_id' not in cfg
+    assert list(cfg['mean']) == list(timm.get_pretrained_cfg(model_name).mean)  # what the transforms used
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in exp.iterdir() if f.is_file()}
+    assert len(set(modes.values())) == 1, modes
 
     # timm rebuilds the best model from the folder alone and scores what training reported
     model = timm.create_model(f'local-dir:{exp}', pretrained=True)
@@ -135,23 +125,22 @@ def test_digits_training_far_above_chance(model_name: str, tmp_path: Path):
     assert abs(_digits_top1(model, batch_size=32) - results['best_top1']) <= 100. / 355 + 1e-6
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_matches_single_process(tmp_path: Path):
     """ torchrun, 2 gloo processes x batch 8 == 1 process x batch 16: same weights, and every line logged once. """
     common = DIGITS + [
         '--model', 'vit_small_cifar', '--train-num-samples', '64', '--epochs', '2', '--opt', 'sgd', '--lr', '0.05',
         '--warmup-epochs', '0', '--no-aug', '--hflip', '0', '--smoothing', '0', '--output', str(tmp_path),
         '--log-interval', '2']
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    env.pop('ACCELERATE_MIXED_PRECISION', None)
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone', str(TRAIN_SCRIPT),
          *common, '-b', '8', '--experiment', 'ddp'],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        capture_output=True, text=True, env=script_env(), cwd=tmp_path, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    single = train.main(common + ['-b', '16', '--experiment', 'single'])
+    train(common + ['-b', '16', '--experiment', 'single'], tmp_path)
 
-    ddp = json.loads((tmp_path / 'ddp' / 'results.json').read_text())
+    ddp, single = _results(tmp_path / 'ddp'), _results(tmp_path / 'single')
     assert ddp['num_processes'] == 2 and single['num_processes'] == 1
     # 8 SGD updates on the same global batches; only the order of the gradient reduction differs
     a = load_file(tmp_path / 'ddp' / 'checkpoints' / 'epoch-0001' / 'model.safetensors')
@@ -164,75 +153,75 @@ def test_two_process_data_parallel_matches_single_process(tmp_path: Path):
     assert abs(ddp['best_top1'] - single['best_top1']) <= 100. / 355 + 1e-6
 
     assert out.count('Training with 2 process(es)') == 1, out
-    for epoch in (0, 1):
-        assert out.count(f'Epoch {epoch}/1:') == 1, out
+    for epoch in (1, 2):
+        assert out.count(f'Epoch {epoch}/2:') == 1, out
     assert out.count('Train: 0 [') == 1, out
     assert out.count('Done: best top1') == 1, out
 
 
-class _Killed(Exception):
-    """ Stands in for the process dying. """
+RESUME_ARGS = DIGITS + [
+    '--model', 'vit_small_cifar', '--train-num-samples', '256', '--epochs', '3', '-b', '32', '--opt', 'adamw',
+    '--lr', '2e-3', '--warmup-epochs', '1', '--train-crop-mode', 'pad', '--crop-padding', '2', '--hflip', '0.5',
+    '--aa', 'rand-m5-n1', '--reprob', '0.25', '--mixup', '0.2', '--cutmix', '1.0', '--smoothing', '0.1',
+    '--drop-path', '0.1', '--model-ema', '--model-ema-decay', '0.9']
 
 
-def test_resume_after_interruption_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """ Killed while writing epoch 1's state, then --resume: the same weights, EMA, best model and
-    summary as an uninterrupted run, with every source of randomness on (augmentation, mixup/cutmix,
-    random erasing, drop-path). """
-    args = DIGITS + [
-        '--model', 'vit_small_cifar', '--train-num-samples', '256', '--epochs', '3', '-b', '32', '--opt', 'adamw',
-        '--lr', '2e-3', '--warmup-epochs', '1', '--train-crop-mode', 'pad', '--crop-padding', '2', '--hflip', '0.5',
-        '--aa', 'rand-m5-n1', '--reprob', '0.25', '--mixup', '0.2', '--cutmix', '1.0', '--smoothing', '0.1',
-        '--drop-path', '0.1', '--model-ema', '--model-ema-decay', '0.9', '--output', str(tmp_path)]
-    train.main(args + ['--experiment', 'straight'])
-
-    save_state = Accelerator.save_state
-
-    def dies_during_epoch_1(self, output_dir=None, **kwargs):
-        if 'epoch-0001' in str(output_dir):
-            os.makedirs(output_dir, exist_ok=True)
-            Path(output_dir, 'model.safetensors').write_bytes(b'half a file')
-            raise _Killed
-        return save_state(self, output_dir, **kwargs)
-
-    monkeypatch.setattr(Accelerator, 'save_state', dies_during_epoch_1)
-    with pytest.raises(_Killed):
-        train.main(args + ['--experiment', 'interrupted'])
-    monkeypatch.setattr(Accelerator, 'save_state', save_state)
-    interrupted = tmp_path / 'interrupted'
-    # the broken write is left under a temporary name: 'latest' still names the last complete state
-    assert _latest(interrupted) == 'epoch-0000'
-    assert not (interrupted / 'checkpoints' / 'epoch-0001').exists()
-    assert [int(r['epoch']) for r in _summary(interrupted)] == [0, 1]  # epoch 1 ran, its state was lost
-
-    resumed = train.main(args + ['--resume', str(interrupted)])
-    straight = tmp_path / 'straight'
-    assert _latest(interrupted) == _latest(straight) == 'epoch-0002'
-    _assert_same_tensors(load_file(interrupted / 'checkpoints' / 'epoch-0002' / 'model.safetensors'),
-                         load_file(straight / 'checkpoints' / 'epoch-0002' / 'model.safetensors'))
+def _assert_same_run(a: Path, b: Path) -> None:
+    """ The same weights, optimizer, schedule, EMA, best model, summary and results. """
+    assert _latest(a) == _latest(b)
+    state = Path('checkpoints') / _latest(a)
+    _assert_same_tensors(load_file(a / state / 'model.safetensors'), load_file(b / state / 'model.safetensors'))
     # custom_checkpoint_0: progress (wall time differs), 1: LR scheduler, 2: EMA
     for name in ('custom_checkpoint_1.pkl', 'custom_checkpoint_2.pkl', 'optimizer.bin'):
-        a, b = [torch.load(e / 'checkpoints' / 'epoch-0002' / name, weights_only=False) for e in (interrupted, straight)]
-        assert _flat(a) == _flat(b), name
-    _assert_same_tensors(load_file(interrupted / 'model.safetensors'), load_file(straight / 'model.safetensors'))
-    assert _summary(interrupted) == _summary(straight)
-    done = json.loads((straight / 'results.json').read_text())
+        x, y = [torch.load(e / state / name, weights_only=False) for e in (a, b)]
+        assert _flat(x) == _flat(y), name
+    _assert_same_tensors(load_file(a / 'model.safetensors'), load_file(b / 'model.safetensors'))
+    assert _summary(a) == _summary(b)
     for k in ('best_top1', 'best_top5', 'best_epoch', 'train_loss', 'weights'):
-        assert resumed[k] == done[k], k
+        assert _results(a)[k] == _results(b)[k], k
+    assert not resume_arg_changes(_results(a)['recipe'], _results(b)['recipe'])
 
 
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory) -> Path:
+    """ An uninterrupted run with every source of randomness on (augmentation, mixup/cutmix, random erasing,
+    drop-path), to compare interrupted and damaged runs against.
+    """
+    out = tmp_path_factory.mktemp('straight')
+    train(RESUME_ARGS + ['--output', str(out), '--experiment', 'run'], out)
+    return out / 'run'
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(straight_run: Path, tmp_path: Path):
+    """ The process is killed (SIGKILL) once its first epoch's state is saved, then resumed: the same run. """
+    args = RESUME_ARGS + ['--output', str(tmp_path), '--experiment', 'killed']
+    exp = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=script_env(), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not ((exp / 'checkpoints' / 'latest').is_file() and _latest(exp) == 'epoch-0000'):
+        assert proc.poll() is None and time.monotonic() < deadline, 'the run ended before it could be killed'
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    train(RESUME_ARGS + ['--output', str(tmp_path), '--resume', str(exp)], tmp_path)
+    _assert_same_run(exp, straight_run)
+
+
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_message_and_keeps_last_good_state(tmp_path: Path):
     """ The lr jumps by 1e30 for the last update of epoch 1: the weights overflow, the run stops before
-    saving them and says where to resume from. """
+    saving them and says where to resume from, without a traceback. """
     args = DIGITS + FAST + [
         '--model', 'vit_small_cifar', '--train-num-samples', '128', '--epochs', '3', '--sched', 'multistep',
         '--decay-milestones', '2', '--decay-rate', '1e30', '--log-interval', '1', '--output', str(tmp_path),
         '--experiment', 'diverged']
-    with pytest.raises(train.NonFiniteLossError) as e:
-        train.main(args)
+    message = train(args, tmp_path, returncode=1).stderr
     exp = tmp_path / 'diverged'
-    message = str(e.value)
     assert 'epoch 1' in message and ('nan' in message or 'inf' in message), message
     assert 'last good training state' in message and 'epoch-0000' in message and '--resume' in message, message
+    assert 'Traceback' not in message
     assert _latest(exp) == 'epoch-0000'
     assert [int(r['epoch']) for r in _summary(exp)] == [0]
     assert not (exp / 'results.json').exists()
@@ -240,44 +229,43 @@ def test_nonfinite_loss_stops_with_message_and_keeps_last_good_state(tmp_path: P
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
-def test_missing_dataset_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture):
-    argv = ['train.py', '--dataset', 'torch/cifar10', '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path)]
-    monkeypatch.setattr(sys, 'argv', argv)
-    assert train.cli() == 1
-    err = capsys.readouterr().err
+def test_missing_dataset_says_how_to_get_it(tmp_path: Path):
+    err = train(['--dataset', 'torch/cifar10', '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path)],
+                tmp_path, returncode=1).stderr
     assert 'torch/cifar10' in err and '--dataset-download' in err, err
     assert 'Traceback' not in err
 
 
+@pytest.mark.slow
 def test_recipes(tmp_path: Path):
-    """ Every recipe parses; the two CIFAR-10 recipes say what their names promise. """
+    """ Every recipe parses and trains (one digits batch, one epoch); the two CIFAR-10 recipes say what their
+    names promise, and the command line overrides the file, as in timm.
+    """
+    overrides = DIGITS + ['--train-num-samples', '32', '-b', '32', '--epochs', '1', '--warmup-epochs', '0']
     for path in sorted(RECIPES.glob('*.yaml')):
-        train.parse_args(['-c', str(path)])
-    strong = train.parse_args(['-c', str(RECIPES / 'cifar10_vit_small.yaml')])
-    assert strong.dataset == 'torch/cifar10' and strong.model == 'vit_small_cifar'
-    assert strong.opt == 'adamw' and strong.sched == 'cosine' and strong.warmup_epochs > 0
-    assert strong.aa.startswith('rand') and strong.mixup > 0 and strong.cutmix > 0
-    assert strong.smoothing > 0 and strong.reprob > 0 and strong.drop_path > 0
-    ref = train.parse_args(['-c', str(RECIPES / 'cifar10_reference.yaml')])
-    assert (ref.opt, ref.lr, ref.batch_size, ref.epochs, ref.sched) == ('adam', 1e-4, 128, 400, 'constant')
-    assert ref.train_crop_mode == 'pad' and ref.hflip == 0.5 and ref.color_jitter is None and ref.aa is None
-    assert ref.mixup == ref.cutmix == ref.reprob == ref.smoothing == ref.weight_decay == 0
-    # the command line overrides the file, as in timm
-    assert train.parse_args(['-c', str(RECIPES / 'cifar10_reference.yaml'), '--lr', '3e-4']).lr == 3e-4
+        train(['-c', str(path), *overrides, '--output', str(tmp_path), '--experiment', path.stem], tmp_path)
+    strong = yaml.safe_load((RECIPES / 'cifar10_vit_small.yaml').read_text())
+    assert strong['dataset'] == 'torch/cifar10' and strong['model'] == 'vit_small_cifar'
+    assert strong['opt'] == 'adamw' and strong['sched'] == 'cosine' and strong['warmup_epochs'] > 0
+    assert strong['aa'].startswith('rand') and strong['mixup'] > 0 and strong['cutmix'] > 0
+    assert strong['smoothing'] > 0 and strong['reprob'] > 0 and strong['drop_path'] > 0
+    ref = yaml.safe_load((RECIPES / 'cifar10_reference.yaml').read_text())
+    assert (ref['opt'], ref['lr'], ref['batch_size'], ref['epochs'], ref['sched']) == ('adam', 1e-4, 128, 400, 'constant')
+    assert ref['train_crop_mode'] == 'pad' and ref['hflip'] == 0.5 and ref.get('color_jitter') is None
+    assert ref.get('aa') is None
+    assert ref['mixup'] == ref['cutmix'] == ref['reprob'] == ref['smoothing'] == ref['weight_decay'] == 0
+    recorded = yaml.safe_load((tmp_path / 'cifar10_reference' / 'args.yaml').read_text())
+    assert recorded['opt'] == 'adam' and recorded['epochs'] == 1 and recorded['dataset'] == 'digits'
 
     typo = tmp_path / 'typo.yaml'
     typo.write_text('batch_sise: 64\n')
-    with pytest.raises(SystemExit):
-        train.parse_args(['-c', str(typo)])
+    assert 'batch_sise' in train(['-c', str(typo)], tmp_path, returncode=2).stderr
 
 
 def test_nonfinite_training_loss_stops_at_once(tmp_path: Path):
     """ Inputs that are all inf: the first training loss is NaN and the run stops there, saving nothing. """
     args = DIGITS + FAST + ['--model', 'vit_small_cifar', '--train-num-samples', '64', '--mean', 'inf',
                             '--output', str(tmp_path), '--experiment', 'nan']
-    with pytest.raises(train.NonFiniteLossError) as e:
-        train.main(args)
-    message = str(e.value)
+    message = train(args, tmp_path, returncode=1).stderr
     assert 'Loss is nan at epoch 0, batch 0' in message and 'no training state' in message, message
     assert not (tmp_path / 'nan' / 'checkpoints').exists() and not (tmp_path / 'nan' / 'model.safetensors').exists()

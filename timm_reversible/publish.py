@@ -7,29 +7,34 @@ A run directory is what `scripts/train.py` writes: `results.json`, `model.safete
 (`timm.models.save_for_hf`: `architecture`, `model_args`, `pretrained_cfg`), `args.yaml`, `summary.csv`.
 The published folder holds exactly `model.safetensors` (copied byte for byte; never a pickle),
 `config.json` (copied; timm's format, so `hf-hub:<repo>` and `local-dir:<folder>` create the model) and
-`README.md`, rendered from `model_cards/<architecture>.md`.
+`README.md`, rendered from the package's card template (`timm_reversible/cards/model_card.md`) with the
+model's own fields (`cards/models.yaml`: description, papers, citations).
 
 Every figure on the card is computed, never typed: accuracy and training figures from the run's
 `results.json`; parameters and GMACs (FLOPs / 2) from the model itself (`timm_reversible.profiling`);
 activation memory per image from a benchmark results file when one is given (matched by model name,
 depth and mode), else measured on the CPU with `activation_memory_per_image`.
 
-Card templates use `string.Template` placeholders (`${name}`); `CARD_FIELDS` lists them. A template
-that names an unknown placeholder fails loudly.
+The template uses `string.Template` placeholders (`${name}`); `CARD_FIELDS` lists them. A template that
+names an unknown placeholder fails loudly. The template ships inside the package (found with
+importlib.resources), so publishing works from an installed wheel.
 
 Checks, all before anything is written or sent: the run has finished (results.json) and has safetensors
 weights; the Hub token exists (`hf auth login` or HF_TOKEN) unless it is a dry run; a repository named
 `<model>.<tag>`, which `timm.create_model('<model>.<tag>', pretrained=True)` resolves to, receives only a
 run on the tag's dataset that the registered model with its default arguments reproduces exactly.
 """
+import argparse
+import importlib.resources
 import json
 import math
 import shutil
 import string
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import yaml
@@ -42,8 +47,8 @@ from .profiling import activation_memory_per_image, count_flops, count_params
 
 __all__ = [
     'PublishError', 'Run', 'load_run', 'load_run_model', 'Benchmark', 'PUBLISHED_FILES', 'CARD_FIELDS',
-    'card_template_path', 'model_figures', 'read_benchmark', 'benchmark_row', 'card_fields', 'render_card',
-    'build_card', 'check_repo_id', 'check_registry_name', 'check_folder', 'stage', 'hub_token', 'upload', 'PublishResult', 'publish',
+    'CardTemplate', 'card_template', 'model_figures', 'read_benchmark', 'benchmark_row', 'card_fields', 'render_card',
+    'build_card', 'cli', 'check_repo_id', 'check_registry_name', 'check_folder', 'stage', 'hub_token', 'upload', 'PublishResult', 'publish',
 ]
 
 PUBLISHED_FILES = ('model.safetensors', 'config.json', 'README.md')
@@ -51,7 +56,6 @@ RESULTS_KEYS = (
     'model', 'model_args', 'dataset', 'num_classes', 'img_size', 'best_top1', 'best_top5', 'best_epoch', 'epochs',
     'train_loss', 'wall_time_s', 'peak_memory_mib', 'device', 'num_processes', 'mixed_precision', 'recipe', 'weights',
 )
-DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / 'model_cards'
 DEFAULT_ACT_BATCH_SIZE = 128
 
 # Hugging Face Hub dataset ids for the card's front matter; other datasets keep their own name.
@@ -87,6 +91,10 @@ CARD_FIELDS = {
     'weights': "which weights are published: the model's or their EMA",
     'recipe_yaml': 'training recipe (results.json) without local paths and unset values, YAML',
     'comparison_table': 'Markdown table: this model and the benchmark rows',
+    'description': "the model's paragraph (cards/models.yaml), with its dataset",
+    'papers': "the model's papers as a Markdown list",
+    'memory_saving': 'the memory-saving usage section (cards/memory_saving.md) for the reversible models, else empty',
+    'citations': "the model's BibTeX entries",
 }
 
 
@@ -155,12 +163,33 @@ def load_run_model(run: Run) -> torch.nn.Module:
     return timm.create_model(f'local-dir:{run.path}', pretrained=True).eval()
 
 
-def card_template_path(model_name: str, template_dir: Optional[Union[str, Path]] = None) -> Path:
-    """ `model_cards/<model_name>.md`. """
-    path = Path(template_dir or DEFAULT_TEMPLATE_DIR) / f'{model_name}.md'
-    if not path.is_file():
-        raise PublishError(f'No model card template for {model_name!r}: {path} does not exist.')
-    return path
+@dataclass
+class CardTemplate:
+    """ The model card template and one model's fields for it. """
+    text: str
+    memory_saving: str
+    model: Dict[str, Any]
+
+
+def _card_file(name: str, template_dir: Optional[Union[str, Path]]) -> str:
+    if template_dir is not None:
+        return (Path(template_dir) / name).read_text(encoding='utf-8')
+    return importlib.resources.files('timm_reversible').joinpath('cards', name).read_text(encoding='utf-8')
+
+
+def card_template(model_name: str, template_dir: Optional[Union[str, Path]] = None) -> CardTemplate:
+    """ The card template (the package's, or `model_card.md`, `memory_saving.md`, `models.yaml` in `template_dir`)
+    with the fields of `model_name`; a model without fields there is an error.
+    """
+    try:
+        models = yaml.safe_load(_card_file('models.yaml', template_dir))
+        template = CardTemplate(_card_file('model_card.md', template_dir), _card_file('memory_saving.md', template_dir),
+                                models.get(model_name))
+    except FileNotFoundError as e:
+        raise PublishError(f'Model card template file missing: {e.filename}.') from e
+    if template.model is None:
+        raise PublishError(f'No model card fields for {model_name!r} in models.yaml (known: {", ".join(models)}).')
+    return template
 
 
 # ---- figures ----
@@ -350,6 +379,7 @@ def card_fields(
         run: Run,
         repo_id: str,
         figures: Dict[str, Any],
+        template: CardTemplate,
         benchmark: Optional[Benchmark] = None,
 ) -> Dict[str, str]:
     """ The values of every `CARD_FIELDS` placeholder. """
@@ -389,6 +419,13 @@ def card_fields(
         recipe_yaml=yaml.safe_dump(public_recipe(results['recipe']), sort_keys=True, default_flow_style=False).rstrip(),
         comparison_table=_comparison_table(run, figures, benchmark),
     )
+    model = template.model
+    fields.update(
+        description=string.Template(model['description']).safe_substitute(dataset=dataset).rstrip(),
+        papers='\n'.join(f'  - {paper}' for paper in model['papers']),
+        memory_saving=render_card(template.memory_saving, fields) if model['memory_saving'] else '',
+        citations='\n'.join(f'```bibtex\n{entry.rstrip()}\n```' for entry in model['citations']),
+    )
     assert set(fields) == set(CARD_FIELDS)
     return fields
 
@@ -408,9 +445,9 @@ def build_card(
         benchmark: Optional[Benchmark] = None,
         template_dir: Optional[Union[str, Path]] = None,
 ) -> str:
-    """ README.md of the run, from `model_cards/<architecture>.md`. """
-    template = card_template_path(run.architecture, template_dir).read_text(encoding='utf-8')
-    return render_card(template, card_fields(run, repo_id, figures, benchmark))
+    """ README.md of the run, from the card template and its architecture's fields. """
+    template = card_template(run.architecture, template_dir)
+    return render_card(template.text, card_fields(run, repo_id, figures, template, benchmark))
 
 
 # ---- checks, staging, upload ----
@@ -459,19 +496,26 @@ def check_registry_name(run: Run, repo_id: str, model: torch.nn.Module) -> None:
             f'Publish it under another name and load it with timm.create_model("hf-hub:<repo>", pretrained=True).')
 
 
-def check_folder(folder: Union[str, Path]) -> None:
-    """ `folder` may receive the published files: it is new, empty or holds only files of an earlier publish. """
+def check_folder(folder: Union[str, Path], overwrite: bool = False) -> None:
+    """ `folder` may receive the published files: it is new or empty, or, with `overwrite`, holds only files of
+    the names it would write (which are then replaced). Nothing it did not write is ever replaced unasked.
+    """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise PublishError(f'{folder} is not a folder.')
-    others = sorted(p.name for p in folder.iterdir() if p.name not in PUBLISHED_FILES) if folder.exists() else []
+    present = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    others = [name for name in present if name not in PUBLISHED_FILES]
     if others:
         raise PublishError(f'{folder} holds other files ({", ".join(others)}); give an empty or new folder.')
+    if present and not overwrite:
+        raise PublishError(
+            f'{folder} already holds {", ".join(present)}; publishing would replace them. Give an empty or new '
+            f'folder, or pass --overwrite (overwrite=True) to replace them.')
 
 
-def stage(run: Run, readme: str, folder: Union[str, Path]) -> Path:
-    """ Write the published files (and nothing else) into `folder`. """
-    check_folder(folder)
+def stage(run: Run, readme: str, folder: Union[str, Path], overwrite: bool = False) -> Path:
+    """ Write the published files (and nothing else) into `folder`, all with the same (umask) permissions. """
+    check_folder(folder, overwrite)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run.weights, folder / 'model.safetensors')
@@ -532,15 +576,16 @@ def publish(
         benchmark: Optional[Union[str, Path]] = None,
         act_batch_size: int = DEFAULT_ACT_BATCH_SIZE,
         template_dir: Optional[Union[str, Path]] = None,
+        overwrite: bool = False,
 ) -> PublishResult:
     """ Publish a finished run: write the files to `local_dir` and, unless `dry_run`, upload them to `repo_id`. """
     if dry_run and local_dir is None:
         raise PublishError('--dry-run writes the files to --local-dir DIR; give one.')
     check_repo_id(repo_id)
     run = load_run(run_dir)
-    card_template_path(run.architecture, template_dir)
+    card_template(run.architecture, template_dir)
     if local_dir is not None:
-        check_folder(local_dir)
+        check_folder(local_dir, overwrite)
     token = None if dry_run else hub_token()  # before the slow part
     bench_rows = read_benchmark(benchmark) if benchmark else None
 
@@ -550,10 +595,59 @@ def publish(
     readme = build_card(run, repo_id, figures, bench_rows, template_dir)
 
     if local_dir is not None:
-        folder = stage(run, readme, local_dir)
+        folder = stage(run, readme, local_dir, overwrite)
         commit = None if dry_run else upload(folder, repo_id, private, token)
         return PublishResult(repo_id, folder, readme, figures, commit)
     with tempfile.TemporaryDirectory(prefix='timm_reversible_publish_') as tmp:
         folder = stage(run, readme, tmp)
         commit = upload(folder, repo_id, private, token)
     return PublishResult(repo_id, None, readme, figures, commit)
+
+
+_CLI_DESCRIPTION = """Publish a finished training run to the Hugging Face Hub: model.safetensors, config.json, README.md.
+
+    python scripts/publish.py output/vit_small_cifar.c10 --repo-id timm-reversible/vit_small_cifar.c10
+    python scripts/publish.py output/digits_run --repo-id me/vit_small_cifar-digits --dry-run --local-dir published/
+"""
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """ The command line of `scripts/publish.py`; returns its exit code. """
+    parser = argparse.ArgumentParser(
+        prog='publish.py', description=_CLI_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('run_dir', metavar='RUN_DIR', help='finished run: <output>/<experiment> of scripts/train.py')
+    parser.add_argument('--repo-id', required=True,
+                        help='Hub repository NAMESPACE/NAME; NAME <model>.<tag> (e.g. vit_small_cifar.c10) is what '
+                             'timm.create_model("<model>.<tag>", pretrained=True) loads')
+    parser.add_argument('--private', action='store_true', help='create the repository as private (if it is new)')
+    parser.add_argument('--dry-run', action='store_true', help='write the files to --local-dir, upload nothing')
+    parser.add_argument('--local-dir', metavar='DIR', help='folder to write the published files to (and keep)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace model.safetensors, config.json and README.md already in --local-dir')
+    parser.add_argument('--benchmark', metavar='PATH',
+                        help='results.json of scripts/benchmark.py: activation memory and the comparison table')
+    parser.add_argument('--act-batch-size', type=int, default=DEFAULT_ACT_BATCH_SIZE,
+                        help='batch of the CPU activation-memory measurement without --benchmark (default %(default)s)')
+    parser.add_argument('--card-dir', metavar='DIR', help='folder with model_card.md, memory_saving.md and models.yaml (default: the package\'s)')
+    args = parser.parse_args(argv)
+    if args.dry_run and not args.local_dir:
+        parser.error('--dry-run needs --local-dir DIR')
+
+    try:
+        result = publish(
+            args.run_dir, args.repo_id, private=args.private, dry_run=args.dry_run, local_dir=args.local_dir,
+            benchmark=args.benchmark, act_batch_size=args.act_batch_size, template_dir=args.card_dir,
+            overwrite=args.overwrite)
+    except PublishError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    f = result.figures
+    print(f"{args.repo_id}: {f['params'] / 1e6:.2f}M params, {f['gmacs']:.4g} GMACs, "
+          f"{f['act_bytes'] / 2 ** 20:.2f} MiB/img activations ({f['act_source']})")
+    if result.folder is not None:
+        print(f'wrote {", ".join(PUBLISHED_FILES)} to {result.folder}')
+        print(f'load: timm.create_model("local-dir:{result.folder}", pretrained=True)')
+    if result.commit is not None:
+        print(f'uploaded: {getattr(result.commit, "commit_url", result.commit)}')
+        print(f'load: timm.create_model("hf-hub:{args.repo_id}", pretrained=True)')
+    return 0
