@@ -168,7 +168,6 @@ def test_a_finished_run_has_intact_states(finished_run: Path):
     assert {'model.safetensors', 'optimizer.bin', 'random_states_0.pkl', 'best/model.safetensors'} <= set(manifest)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('damage', ['truncate_weights', 'corrupt_random_states'])
 def test_a_damaged_state_is_named_and_the_run_resumes_from_the_newest_intact_one(finished_run, tmp_path, damage):
     run = _copy(finished_run, tmp_path)
@@ -245,6 +244,7 @@ def test_resume_allowed_to_change_records_what_ran(finished_run, tmp_path):
     assert results['recipe']['lr'] == 2e-3 and results['recipe']['hflip'] == 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', EXACT)
 def test_an_activation_error_stops_training_like_a_nan_loss(name, tmp_path):
     """ Inputs that are all inf: the exact models' forward reports non-finite activations; the run stops cleanly. """
