@@ -47,8 +47,8 @@ from .utils import MiB, model_input_size, package_models
 __all__ = [
     'FLOAT64_TOLERANCE', 'FLOAT32_ERROR_MULTIPLE', 'REFERENCE_RANDOMNESS_TOLERANCE', 'STEP_SEED',
     'MAX_CUDA_TIME_RATIO', 'SIZES', 'AMP_DTYPES', 'StepResult', 'GradientErrors', 'relative_error',
-    'seeded_training_step', 'gradient_error_report', 'CheckResult', 'SelfCheckReport', 'reversible_models',
-    'environment_info', 'run_selfcheck', 'main',
+    'seeded_training_step', 'gradient_error_report', 'CheckResult', 'SelfCheckReport', 'format_result',
+    'format_environment', 'reversible_models', 'environment_info', 'run_selfcheck', 'main',
 ]
 
 # float64 runs compare the two backward passes directly: both are exact up to float64 rounding.
@@ -339,6 +339,13 @@ def gradient_error_report(
     with a float64 reference (a float64 copy of the model, ordinary autograd, no autocast) that replays the
     float32 run's random draws, per parameter role. The caller's random streams are left as they were; the
     model is left in the mode it was in.
+
+    Args:
+        model: A reversible model in train mode.
+        x: A batch of images; its dtype is the run's (float64: direct comparison).
+        autocast_dtype: Autocast for both steps (the reference runs without).
+        grad_scaler: A GradScaler factory: each step scales its loss and unscales its gradients through a
+            fresh scaler and steps through it; `GradientErrors.scales` holds the scales after.
     """
     was_reversible = model.reversible
     try:
@@ -361,7 +368,9 @@ def _gradient_errors(model, x, autocast_dtype, grad_scaler) -> GradientErrors:
         worst = max(errors, key=errors.get)
         return GradientErrors(errors[worst], 0., worst, outputs_equal, rng_equal, scales=scales)
 
-    exact = seeded_training_step(copy.deepcopy(model).double(), x.double(), False, draws=draws.replay)
+    # the math kernel is the attention kernel that takes float64 everywhere, whichever one the caller pinned
+    with sdpa_kernel(SDPBackend.MATH):
+        exact = seeded_training_step(copy.deepcopy(model).double(), x.double(), False, draws=draws.replay)
     with torch.no_grad(), draws.replay():
         # the float32 forward without autocast: autocast's own rounding is not the reference's concern here
         plain_out = model(x)
