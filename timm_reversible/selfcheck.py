@@ -577,7 +577,7 @@ class _Checker:
             self.on_result(result)
 
     def create(self, name: str, size: str, **kwargs: Any) -> nn.Module:
-        torch.manual_seed(0)  # the same weights on every run (inside the caller's forked random streams)
+        _seed(self.device, 0)  # the same weights on every run (inside the caller's forked random streams)
         return timm.create_model(name, **{**SIZES[size].kwargs, **kwargs}).to(self.device).train()
 
     # -- exactness: gradients, reconstruction, random streams, GradScaler
@@ -796,6 +796,8 @@ def run_selfcheck(
         on_result: Called with each line as it is done (progress).
     """
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'{dev} was asked for, but torch sees no CUDA device here.')
     if amp not in AMP_DTYPES:
         raise ValueError(f'amp must be one of {", ".join(AMP_DTYPES)}, got {amp!r}.')
     size = size or ('both' if dev.type == 'cuda' else 'small')
