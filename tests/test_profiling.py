@@ -6,6 +6,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from timm_reversible import profiling
 from timm_reversible.profiling import (
     MemoryFit, activation_memory_fit, activation_memory_per_image, alternating_timings, count_flops, count_params,
     default_optimizer, input_bytes_per_image, largest_batch_in_budget, max_batch_size, peak_training_memory,
@@ -13,6 +14,8 @@ from timm_reversible.profiling import (
     training_state_bytes)
 
 from conftest import SMALL
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 class Probe(nn.Module):
@@ -126,7 +129,6 @@ def test_timing_functions_run_a_real_step():
 
 def test_peak_only_tracker_agrees_with_memtracker(monkeypatch):
     from torch.distributed._tools.mem_tracker import MemTracker
-    from timm_reversible import profiling
     model = timm.create_model('vit_small_cifar', **SMALL)
     fast = activation_memory_per_image(model, batch_size=2)
     monkeypatch.setattr(profiling, '_mem_tracker', MemTracker)

@@ -18,22 +18,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
-from timm.models import get_model_input_config
+
+from .utils import model_input_size
 
 __all__ = [
-    'model_input_size', 'count_params', 'count_flops', 'count_train_step_flops', 'activation_memory_per_image', 'train_step',
+    'count_params', 'count_flops', 'count_train_step_flops', 'activation_memory_per_image', 'train_step',
     'MemoryFit', 'activation_memory_fit', 'training_state_bytes', 'input_bytes_per_image',
     'predicted_peak_training_memory', 'peak_training_memory', 'max_batch_size', 'largest_batch_in_budget',
     'default_optimizer', 'make_train_step_fn', 'make_inference_fn', 'alternating_timings',
     'time_train_steps', 'time_inference', 'train_step_time_ratio', 'throughput',
 ]
-
-
-def model_input_size(model: nn.Module) -> Tuple[int, ...]:
-    """ (C, H, W) the model was created for: its `in_chans` and `img_size`, not its checkpoint's. """
-    if not hasattr(model, '_traits'):  # not built by timm: its pretrained_cfg is all there is
-        return tuple(model.pretrained_cfg['input_size'])
-    return tuple(get_model_input_config(model)['input_size'])
 
 
 def count_params(model: nn.Module) -> int:
