@@ -6,11 +6,13 @@
     python scripts/benchmark.py --models vit_small_cifar revvit_small_cifar \\
         bdia_vit_small_cifar:split_backward=1 --depths 6 12 24
     python scripts/benchmark.py --models vit_small_cifar --depths 1 2 --model-kwargs embed_dim=32 num_heads=2
+    python scripts/benchmark.py --profile --depths 6 --batch-size 32  # where a training step's time goes
 
 A model spec is `name[:key=value,...]`: keys go to `timm.create_model`, except `grad_checkpointing=1`, which
 turns on timm's per-block gradient checkpointing. vit_small_cifar is always measured, as every ratio is
 against it at the same depth. Writes results.json, results.md, memory_vs_depth.png and
-memory_vs_throughput.png to --out. Definitions of the figures: timm_reversible/benchmarking.py and profiling.py.
+memory_vs_throughput.png to --out; with --profile, profile.json and profile.md instead (torch.profiler over
+one training step per model). Definitions of the figures: timm_reversible/benchmarking.py and profiling.py.
 The project's targets and the reference study's published figures are printed and written beside the
 measurements; they are this script's, not the library's.
 """
@@ -26,7 +28,8 @@ from timm.utils import ParseKwargs
 import timm_reversible  # noqa: F401  registers the package's models with timm
 from timm_reversible.benchmarking import (
     BASELINE, BenchmarkConfig, BenchmarkRow, default_model_specs, find_row, format_number, format_table,
-    machine_info, markdown_table, parse_model_spec, run_benchmark, write_report)
+    machine_info, markdown_table, parse_model_spec, profile_tables, run_benchmark, run_profile, write_profile_report,
+    write_report)
 
 # Figures published by the reference study (CIFAR-10, measured on its laptop GPU, batch 128). They are shown
 # beside ours for comparison only; nothing here was measured by this package.
@@ -118,12 +121,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--depths', nargs='+', type=int, default=[6, 12, 24], help='depths to sweep (default: 6 12 24)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='cpu, cuda or cuda:N (default: cuda if available)')
-    parser.add_argument('--batch-size', type=int, help='timing batch (default: 16 on CPU, 128 on CUDA)')
+    parser.add_argument('--batch-size', type=int, help='timing and profiling batch (default: 16 on CPU, 128 on CUDA)')
     parser.add_argument('--memory-batch-sizes', nargs=2, type=int, metavar=('B1', 'B2'),
                         help='the two batches the memory fit is measured at (default: 8 16 on CPU, 64 128 on CUDA)')
     parser.add_argument('--ref-batch', type=int, default=128,
                         help='batch the per-image and peak memory are reported at (default: 128)')
-    parser.add_argument('--repeats', type=int, help='timed rounds (default: 3 on CPU, 20 on CUDA)')
+    parser.add_argument('--repeats', type=int,
+                        help='timed (or profiled) rounds (default: 3 on CPU, 20 on CUDA)')
     parser.add_argument('--warmup', type=int, help='untimed rounds first (default: 1 on CPU, 3 on CUDA)')
     parser.add_argument('--amp', nargs='?', const='bfloat16', choices=['bfloat16', 'float16'],
                         help='autocast in this dtype (bare --amp: bfloat16); fp32 without it')
@@ -136,6 +140,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              'shared with other jobs')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='kwargs for every model, e.g. embed_dim=32 num_heads=2 for a quick run')
+    parser.add_argument('--profile', action='store_true',
+                        help='instead of the benchmark: torch.profiler over one training step per model and depth, '
+                             'time by category (residual functions, recomputation, side information, ...)')
     parser.add_argument('--out', default='benchmark_results', help='output folder (default: benchmark_results)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser.parse_args(argv)
@@ -160,6 +167,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         batch_size=config.batch_size, repeats=config.repeats, warmup=config.warmup,
         model_kwargs=config.model_kwargs, depths=list(config.depths), threads=torch.get_num_threads(),
     )
+
+    if args.profile:
+        profiles = run_profile(specs, config, progress=not args.no_progress)
+        print(profile_tables(profiles))
+        paths = write_profile_report(profiles, meta, args.out)
+        print('wrote ' + ', '.join(str(p) for p in paths.values()))
+        return 0
 
     rows = run_benchmark(specs, config, progress=not args.no_progress)
     meta.update(

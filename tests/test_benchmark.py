@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from timm_reversible.benchmarking import (
-    BASELINE, BenchmarkRow, ModelSpec, default_model_specs, find_row, format_table, markdown_report, parse_model_spec)
+    BASELINE, BenchmarkRow, ModelSpec, ProfileRow, default_model_specs, find_row, format_table, markdown_report,
+    parse_model_spec, profile_report, write_profile_report)
+from timm_reversible.profiling import PROFILE_CATEGORIES, StepProfile
 
 from conftest import package_models, script_env
 
@@ -79,9 +81,28 @@ def test_script_end_to_end_on_a_tiny_config(tmp_path):
 
 
 @pytest.mark.slow
+def test_script_profile_on_a_tiny_config(tmp_path):
+    out = tmp_path / 'profile'
+    proc = run_benchmark_script(
+        ['--profile', '--models', 'vit_small_cifar', 'bdia_vit_small_cifar', '--depths', '1', '--out', str(out)]
+        + TINY, tmp_path)
+    result = json.loads((out / 'profile.json').read_text())
+    assert [(r['model'], r['depth']) for r in result['rows']] == [('vit_small_cifar', 1), ('bdia_vit_small_cifar', 1)]
+    assert result['categories'] == PROFILE_CATEGORIES and result['meta']['batch_size'] == 2
+    for row in result['rows']:
+        assert list(row['times_ms']) == list(PROFILE_CATEGORIES)
+        assert sum(row['times_ms'].values()) + row['unattributed_ms'] == pytest.approx(row['step_ms'], rel=1e-9)
+    assert result['rows'][1]['times_ms']['side information'] > 0 == result['rows'][0]['times_ms']['side information']
+    md = (out / 'profile.md').read_text()
+    assert '--profile --models vit_small_cifar bdia_vit_small_cifar' in md and '#### bdia_vit_small_cifar, depth 1' in md
+    assert '| % of the step | vit_small_cifar | bdia_vit_small_cifar |' in proc.stdout
+    assert not (out / 'results.json').exists()  # the profile instead of the benchmark
+
+
+@pytest.mark.slow
 def test_script_help_and_unknown_models(tmp_path):
     text = run_benchmark_script(['--help'], tmp_path).stdout
-    assert all(flag in text for flag in ('--models', '--depths', '--mem-budget', '--amp', '--out'))
+    assert all(flag in text for flag in ('--models', '--depths', '--mem-budget', '--amp', '--profile', '--out'))
     proc = run_benchmark_script(['--models', 'no_such_model', '--out', str(tmp_path)], tmp_path, returncode=1)
     assert "Unknown model 'no_such_model'" in proc.stderr
 
@@ -133,3 +154,32 @@ def test_tables_and_report_from_rows():
     assert md.index('| revvit_small_cifar | 6 |') < md.index('## Reference study\n\ntheir figures\n') \
         < md.index('## Targets\n\nour goals\n')
     assert '## ' not in markdown_report(rows, meta)  # no sections unless given
+
+
+def _step_profile(step_ms, **times_ms):
+    times = dict.fromkeys(PROFILE_CATEGORIES, 0.)
+    times.update({category.replace('_', ' '): t for category, t in times_ms.items()})
+    return StepProfile(step_ms, times, step_ms - sum(times.values()), 'cpu')
+
+
+def test_profile_report(tmp_path):
+    rows = [
+        ProfileRow('vit_small_cifar', 6, _step_profile(200., residual_functions=80., backward=100., optimizer=10.)),
+        ProfileRow('bdia_vit_small_cifar', 6, _step_profile(
+            250., residual_functions=60., recomputation=150., side_information=25., optimizer=10.)),
+    ]
+    meta = dict(command='python scripts/benchmark.py --profile', date='today', machine='m', device='cpu',
+                precision='fp32', batch_size=32, warmup=1, repeats=3)
+    paths = write_profile_report(rows, meta, tmp_path)
+    md = paths['markdown'].read_text()
+    assert md == profile_report(rows, meta)
+    assert '| % of the step | vit_small_cifar | bdia_vit_small_cifar |' in md
+    assert '| side information | 0.0 | 10.0 |' in md and '| unattributed | 5.0 | 2.0 |' in md
+    assert '| step ms | 200.0 | 250.0 |' in md
+    assert '#### bdia_vit_small_cifar, depth 6' in md and '| recomputation | 150.0 | 60.0 |' in md
+    assert '| step | 250.0 | 100.0 |' in md
+    assert all(f'- **{category}**: ' in md for category in PROFILE_CATEGORIES)
+    result = json.loads(paths['json'].read_text())
+    assert result['rows'][1] == dict(
+        model='bdia_vit_small_cifar', depth=6, step_ms=250., times_ms=rows[1].profile.times_ms, unattributed_ms=5.,
+        device_type='cpu')

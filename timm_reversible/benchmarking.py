@@ -22,15 +22,17 @@ import torch.nn as nn
 from timm.utils import ParseKwargs
 
 from .profiling import (
-    activation_memory_fit, count_flops, count_params, default_optimizer, input_bytes_per_image,
-    largest_batch_in_budget, make_train_step_fn, peak_training_memory, predicted_peak_training_memory, throughput,
-    time_inference, time_train_steps, training_state_bytes)
+    PROFILE_CATEGORIES, StepProfile, activation_memory_fit, count_flops, count_params, default_optimizer,
+    input_bytes_per_image, largest_batch_in_budget, make_train_step_fn, peak_training_memory,
+    predicted_peak_training_memory, profile_train_steps, throughput, time_inference, time_train_steps,
+    training_state_bytes)
 from .utils import MiB, package_models
 
 __all__ = [
     'BASELINE', 'ModelSpec', 'BenchmarkConfig', 'BenchmarkRow', 'parse_model_spec', 'default_model_specs',
-    'run_benchmark', 'find_row', 'format_number', 'format_table', 'markdown_table', 'markdown_report',
-    'plot_memory_vs_depth', 'plot_memory_vs_throughput', 'write_report', 'machine_info',
+    'run_benchmark', 'ProfileRow', 'run_profile', 'find_row', 'format_number', 'format_table', 'markdown_table',
+    'markdown_report', 'profile_tables', 'profile_report', 'plot_memory_vs_depth', 'plot_memory_vs_throughput',
+    'write_report', 'write_profile_report', 'machine_info',
 ]
 
 GiB = 2 ** 30
@@ -313,6 +315,42 @@ def run_benchmark(
     return results
 
 
+@dataclass
+class ProfileRow:
+    """ One model at one depth: where the time of its training step goes (`timm_reversible.profiling`). """
+    model: str
+    depth: int
+    profile: StepProfile
+
+
+def run_profile(
+        specs: Optional[Sequence[ModelSpec]] = None,
+        config: Optional[BenchmarkConfig] = None,
+        progress: bool = True,
+) -> List[ProfileRow]:
+    """ Profile one training step of every spec at every depth at the timing batch (`profile_train_steps`):
+    per depth, the models are created together and profiled round-robin after their warm-up steps; with
+    `repeats` > 1, each model's step of median length is kept.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = (config or BenchmarkConfig()).resolved()
+    specs = _unique(specs if specs is not None else default_model_specs())
+    torch.manual_seed(0)
+    rows: List[ProfileRow] = []
+    with tqdm(total=len(cfg.depths) * cfg.repeats, disable=not progress, unit='round') as bar:
+        for depth in cfg.depths:
+            bar.set_description(f'profiling {len(specs)} models depth {depth}')
+            models = {s.label: s.create(depth, cfg.device, **cfg.model_kwargs) for s in specs}
+            profiles = profile_train_steps(
+                models, cfg.batch_size, cfg.repeats, cfg.warmup, autocast_dtype=cfg.autocast_dtype,
+                on_round=lambda _: bar.update())
+            rows += [ProfileRow(label, depth, profiles[label]) for label in models]
+            del models
+            _free(torch.device(cfg.device))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tables
 
@@ -413,6 +451,55 @@ def markdown_report(
     for title, text in (sections or {}).items():
         lines += [f'## {title}', '', text, '']
     return '\n'.join(lines)
+
+
+def profile_tables(rows: Sequence[ProfileRow]) -> str:
+    """ Markdown: per depth, every model's share of its step by category, then one table per model in ms. """
+    lines = []
+    for depth in dict.fromkeys(r.depth for r in rows):
+        at_depth = [r for r in rows if r.depth == depth]
+        header = ['% of the step'] + [r.model for r in at_depth]
+        body = [[category] + [format_number(r.profile.percent(category), 1) for r in at_depth]
+                for category in [*PROFILE_CATEGORIES, 'unattributed']]
+        body.append(['step ms'] + [format_number(r.profile.step_ms, 1) for r in at_depth])
+        lines += [f'### Depth {depth}', '', markdown_table(header, body), '']
+        for r in at_depth:
+            p = r.profile
+            body = [[category, format_number(p.times_ms[category], 1), format_number(p.percent(category), 1)]
+                    for category in PROFILE_CATEGORIES]
+            body += [['unattributed', format_number(p.unattributed_ms, 1), format_number(p.percent('unattributed'), 1)],
+                     ['step', format_number(p.step_ms, 1), '100.0']]
+            lines += [f'#### {r.model}, depth {depth}', '', markdown_table(['category', 'ms', '% of step'], body), '']
+    return '\n'.join(lines)
+
+
+def profile_report(rows: Sequence[ProfileRow], meta: Mapping[str, Any]) -> str:
+    """ profile.md: how the profile was taken, what each category counts, the tables. """
+    kind = 'device time of the kernels each op launched' if meta['device'].startswith('cuda') \
+        else 'self CPU time of each op'
+    return '\n'.join([
+        '# timm-reversible: where a training step\'s time goes', '', *_settings_lines(meta),
+        f"Settings: device {meta['device']}, {meta['precision']}, batch {meta['batch_size']}, "
+        f"{meta['warmup']} warm-up step(s), then {meta['repeats']} profiled step(s) per model, round-robin "
+        'between the models; the step of median length is shown.', '',
+        f'torch.profiler over one training step (zero_grad, forward, backward, AdamW step); {kind}, counted '
+        'under the innermost labelled range around the op:', '',
+        *[f'- **{category}**: {text}.' for category, text in PROFILE_CATEGORIES.items()],
+        '- **unattributed**: time inside the step but in no op (Python between ops; on CUDA, the device idle).',
+        '', profile_tables(rows)])
+
+
+def write_profile_report(rows: Sequence[ProfileRow], meta: Mapping[str, Any], out_dir: os.PathLike) -> Dict[str, Path]:
+    """ profile.json and profile.md in `out_dir`. """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {'json': out / 'profile.json', 'markdown': out / 'profile.md'}
+    payload = {
+        'meta': dict(meta), 'categories': PROFILE_CATEGORIES,
+        'rows': [dict(model=r.model, depth=r.depth, **asdict(r.profile)) for r in rows]}
+    paths['json'].write_text(json.dumps(payload, indent=2, default=str) + '\n')
+    paths['markdown'].write_text(profile_report(rows, meta))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------------
