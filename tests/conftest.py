@@ -27,6 +27,16 @@ from timm_reversible.utils import package_models  # noqa: F401  used by the test
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
 
 
+# fixtures that run scripts/train.py: every test using one trains a model, so it is a slow test
+TRAINING_FIXTURES = {'run', 'published', 'finished_run', 'straight_run'}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, 'fixturenames', ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

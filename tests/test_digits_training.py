@@ -11,6 +11,8 @@ from timm_reversible.data import DigitsDataset
 
 from conftest import package_models
 
+pytestmark = pytest.mark.slow  # each test trains models or starts processes
+
 CONFIG = dict(embed_dim=64, depth=2, num_heads=2, img_size=16)
 
 

@@ -383,3 +383,18 @@ def test_grad_scaler_skips_an_overflowing_step_and_takes_the_next(name):
         assert scaler.get_scale() == 2. ** 10
     assert changes[False, 0] == changes[True, 0] == 0.0, 'the overflowing step was taken'
     assert changes[False, 1] > 0 and changes[True, 1] > 0
+
+
+def test_core_layers_import_one_way():
+    """ engine <- grid <- couplings <- models: no layer imports one above it (nor the models). """
+    import ast
+    from pathlib import Path
+    core = Path(timm_reversible.__file__).parent / 'reversible'
+    allowed = {'engine': set(), 'grid': set(), 'couplings': {'engine', 'grid'}}
+    for layer, may_import in allowed.items():
+        tree = ast.parse((core / f'{layer}.py').read_text())
+        package_imports = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0}
+        absolute = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        absolute |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+        assert package_imports <= may_import, (layer, package_imports)
+        assert not any(m.startswith('timm_reversible') for m in absolute), (layer, absolute)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from ddp_gradient_worker import SMALL_DDP, batch
 
+pytestmark = pytest.mark.slow  # each test trains models or starts processes
+
 TESTS = Path(__file__).parent
 
 

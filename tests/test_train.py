@@ -22,6 +22,8 @@ from conftest import SMALL, TRAIN_SCRIPT, run_train_script as train, script_env
 from timm_reversible.data import DigitsDataset
 from timm_reversible.training import resume_arg_changes
 
+pytestmark = pytest.mark.slow  # each test trains models or starts processes
+
 RECIPES = TRAIN_SCRIPT.parents[1] / 'recipes'
 
 SUMMARY_COLUMNS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
@@ -78,7 +80,6 @@ def _digits_top1(model: torch.nn.Module, batch_size: int) -> float:
     return 100. * correct / len(ds)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('model_name', ['vit_small_cifar', 'bdia_vit_small_cifar'])
 def test_digits_run_writes_the_output_contract(model_name: str, tmp_path: Path):
     """ A real run on the offline digits (the plain model and an exact reversible one): far above chance
@@ -125,7 +126,6 @@ def test_digits_run_writes_the_output_contract(model_name: str, tmp_path: Path):
     assert abs(_digits_top1(model, batch_size=32) - results['best_top1']) <= 100. / 355 + 1e-6
 
 
-@pytest.mark.slow
 def test_two_process_data_parallel_matches_single_process(tmp_path: Path):
     """ torchrun, 2 gloo processes x batch 8 == 1 process x batch 16: same weights, and every line logged once. """
     common = DIGITS + [
@@ -192,7 +192,6 @@ def straight_run(tmp_path_factory) -> Path:
     return out / 'run'
 
 
-@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(straight_run: Path, tmp_path: Path):
     """ The process is killed (SIGKILL) once its first epoch's state is saved, then resumed: the same run. """
     args = RESUME_ARGS + ['--output', str(tmp_path), '--experiment', 'killed']
@@ -209,7 +208,6 @@ def test_resume_after_sigkill_is_exact(straight_run: Path, tmp_path: Path):
     _assert_same_run(exp, straight_run)
 
 
-@pytest.mark.slow
 def test_nonfinite_loss_stops_with_message_and_keeps_last_good_state(tmp_path: Path):
     """ The lr jumps by 1e30 for the last update of epoch 1: the weights overflow, the run stops before
     saving them and says where to resume from, without a traceback. """
@@ -236,7 +234,6 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path):
     assert 'Traceback' not in err
 
 
-@pytest.mark.slow
 def test_recipes(tmp_path: Path):
     """ Every recipe parses and trains (one digits batch, one epoch); the two CIFAR-10 recipes say what their
     names promise, and the command line overrides the file, as in timm.
