@@ -39,8 +39,8 @@ def test_script_end_to_end_on_a_tiny_config(tmp_path):
 
     result = json.loads((out / 'results.json').read_text())
     rows = result['rows']
-    assert [(r['model'], r['depth']) for r in rows] == [
-        (model, depth) for depth in (1, 6) for model in ('vit_small_cifar', 'vit_small_cifar + grad ckpt', 'revvit_small_cifar')]
+    models = ('vit_small_cifar', 'vit_small_cifar + grad ckpt', 'revvit_small_cifar')
+    assert [(r['model'], r['depth']) for r in rows] == [(model, depth) for depth in (1, 6) for model in models]
     for r in rows:
         assert r['error'] is None
         for key in ('params_m', 'gflops', 'act_mib_per_image', 'state_mib', 'peak_train_mib', 'train_img_s',
@@ -94,7 +94,8 @@ def test_script_profile_on_a_tiny_config(tmp_path):
         assert sum(row['times_ms'].values()) + row['unattributed_ms'] == pytest.approx(row['step_ms'], rel=1e-9)
     assert result['rows'][1]['times_ms']['side information'] > 0 == result['rows'][0]['times_ms']['side information']
     md = (out / 'profile.md').read_text()
-    assert '--profile --models vit_small_cifar bdia_vit_small_cifar' in md and '#### bdia_vit_small_cifar, depth 1' in md
+    assert '--profile --models vit_small_cifar bdia_vit_small_cifar' in md
+    assert '#### bdia_vit_small_cifar, depth 1' in md
     assert '| % of the step | vit_small_cifar | bdia_vit_small_cifar |' in proc.stdout
     assert not (out / 'results.json').exists()  # the profile instead of the benchmark
 

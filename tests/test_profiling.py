@@ -11,8 +11,9 @@ from timm_reversible import profiling
 from timm_reversible.profiling import (
     PROFILE_CATEGORIES, MemoryFit, StepProfile, activation_memory_fit, activation_memory_per_image,
     alternating_timings, count_flops, count_params, default_optimizer, input_bytes_per_image,
-    largest_batch_in_budget, max_batch_size, peak_training_memory, predicted_peak_training_memory, profile_category, profile_train_steps, step_profile_from_events, throughput,
-    time_inference, time_train_steps, train_step_time_ratio, training_state_bytes)
+    largest_batch_in_budget, max_batch_size, peak_training_memory, predicted_peak_training_memory, profile_category,
+    profile_train_steps, step_profile_from_events, throughput, time_inference, time_train_steps,
+    train_step_time_ratio, training_state_bytes)
 
 from conftest import SMALL, package_models
 

@@ -65,7 +65,7 @@ def test_revvit_stores_no_per_block_activations():
     assert memory('revvit_small_cifar', 24) <= 1.10 * revvit
 
 
-@pytest.mark.parametrize('depth', [6, pytest.param(12, marks=pytest.mark.slow), pytest.param(24, marks=pytest.mark.slow)])
+@pytest.mark.parametrize('depth', [6] + [pytest.param(d, marks=pytest.mark.slow) for d in (12, 24)])
 def test_revvit_beats_gradient_checkpointing(depth):
     assert memory('revvit_small_cifar', depth) < memory('vit_small_cifar', depth, grad_checkpointing=True)
 

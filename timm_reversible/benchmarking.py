@@ -1,9 +1,10 @@
-""" The comparison benchmark: every model at several depths, measured on this machine, as a table and plots.
+""" The comparison benchmark: every model at several depths, measured on this machine, as a table and plots,
+and the profile of their training steps.
 
 `scripts/benchmark.py` is the command-line front end; this module holds the model specs, the measuring
-loop and the report (terminal table, results.json, results.md, PNG plots), so that the figures can also be
-produced from Python. Definitions of the figures: DESIGN.md, "Measuring memory and speed", and
-`timm_reversible.profiling`.
+loops and the reports (terminal table, results.json, results.md, PNG plots; profile.md, profile.json), so
+that the figures can also be produced from Python. Definitions of the figures: DESIGN.md, "Measuring memory
+and speed", and `timm_reversible.profiling`.
 """
 import argparse
 import gc
@@ -388,8 +389,9 @@ def _table_cells(rows: Sequence[BenchmarkRow], ref_batch: int, budget_gib: float
         peak = format_number(r.peak_train_mib, 0) + ('' if r.peak_train_measured else '*')
         max_batch = format_number(r.max_batch) + (' ok' if r.max_batch_checked else '*')
         body.append([
-            r.model, str(r.depth), format_number(r.params_m), format_number(r.gflops, 3), format_number(r.act_mib_per_image),
-            format_number(r.act_vs_baseline, 3), peak, format_number(r.train_img_s, 1), format_number(r.infer_img_s, 1),
+            r.model, str(r.depth), format_number(r.params_m), format_number(r.gflops, 3),
+            format_number(r.act_mib_per_image), format_number(r.act_vs_baseline, 3), peak,
+            format_number(r.train_img_s, 1), format_number(r.infer_img_s, 1),
             format_number(r.train_step_vs_baseline, 3), max_batch])
     return header, body
 
