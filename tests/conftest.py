@@ -42,6 +42,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """ One torch thread for compute-heavy tests: on a CPU shared with other test runs, several threads mostly
+    wait for each other (tensor accounting counts the same bytes with any number of threads). """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def images(batch_size: int = 2, in_chans: int = 3, size: int = 32, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(batch_size, in_chans, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
 

@@ -5,14 +5,19 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from torch.autograd.profiler_util import FunctionEvent
 
+from timm_reversible import profiling
 from timm_reversible.profiling import (
-    MemoryFit, activation_memory_fit, activation_memory_per_image, alternating_timings, count_flops, count_params,
-    default_optimizer, input_bytes_per_image, largest_batch_in_budget, max_batch_size, peak_training_memory,
-    predicted_peak_training_memory, throughput, time_inference, time_train_steps, train_step_time_ratio,
-    training_state_bytes)
+    PROFILE_CATEGORIES, MemoryFit, StepProfile, activation_memory_fit, activation_memory_per_image,
+    alternating_timings, count_flops, count_params, default_optimizer, input_bytes_per_image,
+    largest_batch_in_budget, max_batch_size, peak_training_memory, predicted_peak_training_memory, profile_category,
+    profile_train_steps, step_profile_from_events, throughput, time_inference, time_train_steps,
+    train_step_time_ratio, training_state_bytes)
 
-from conftest import SMALL
+from conftest import SMALL, package_models
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 class Probe(nn.Module):
@@ -126,8 +131,125 @@ def test_timing_functions_run_a_real_step():
 
 def test_peak_only_tracker_agrees_with_memtracker(monkeypatch):
     from torch.distributed._tools.mem_tracker import MemTracker
-    from timm_reversible import profiling
     model = timm.create_model('vit_small_cifar', **SMALL)
     fast = activation_memory_per_image(model, batch_size=2)
     monkeypatch.setattr(profiling, '_mem_tracker', MemTracker)
     assert activation_memory_per_image(model, batch_size=2) == fast
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The profile of a training step
+
+@pytest.mark.parametrize('label, in_residual, op, category', [
+    ('reversible.recompute', True, 'aten::linear', 'recomputation'),  # the innermost engine label decides
+    ('reversible.reconstruct', False, 'aten::sub_', 'reconstruction'),
+    ('reversible.side_info', False, 'aten::round_', 'side information'),
+    ('reversible.rng', False, 'reversible.rng', 'engine bookkeeping'),
+    ('reversible.forward', True, 'aten::linear', 'residual functions'),
+    ('reversible.forward', False, 'aten::copy_', 'engine bookkeeping'),
+    ('reversible.forward', False, 'reversible.forward', 'engine bookkeeping'),  # the loop's own Python
+    ('reversible.forward', False, 'aten::round_', 'stream arithmetic'),
+    ('reversible.backward', False, 'aten::add_', 'stream arithmetic'),
+    ('reversible.backward', False, 'aten::zeros_like', 'engine bookkeeping'),
+    ('Optimizer.step#AdamW.step', False, 'aten::lerp_', 'optimizer'),
+    ('Optimizer.zero_grad#AdamW.zero_grad', False, 'aten::zero_', 'optimizer'),
+    (None, True, 'aten::layer_norm', 'residual functions'),
+    (None, True, 'autograd::engine::evaluate_function: CheckpointFunctionBackward', 'backward'),
+    (None, False, 'autograd::engine::evaluate_function: MmBackward0', 'backward'),
+    (None, False, 'aten::cross_entropy_loss', 'other forward'),
+])
+def test_profile_category_rules(label, in_residual, op, category):
+    assert profile_category(label, in_residual, op) == category
+
+
+def _event(name, start, end, parent=None, kernel_us=0):
+    event = FunctionEvent(id=start, name=name, thread=1, start_us=start, end_us=end, use_device='cuda')
+    if kernel_us:
+        event.append_kernel(name, 0, kernel_us)
+    if parent is not None:
+        event.set_cpu_parent(parent)
+        parent.append_cpu_child(event)
+    return event
+
+
+def _step_events():
+    """ A step of 100 us: each op's self time (and kernel time) is known, so is each category's. """
+    step = _event('profile.train_step', 0, 100)
+    forward = _event('reversible.forward', 1, 41, step)
+    residual = _event('profile.residual', 2, 22, forward)
+    _event('aten::linear', 3, 21, residual, kernel_us=7)  # 18 us
+    _event('aten::copy_', 22, 25, forward)  # 3 us
+    side_info = _event('reversible.side_info', 25, 35, forward)
+    _event('aten::round_', 26, 34, side_info, kernel_us=2)  # 8 us; side_info's own 2 us
+    backward = _event('autograd::engine::evaluate_function: _ReversibleFunctionBackward', 41, 81, step)
+    recompute = _event('reversible.recompute', 42, 80, _event('reversible.backward', 41, 81, backward))
+    _event('aten::mm', 43, 79, _event('profile.residual', 42, 80, recompute), kernel_us=11)  # 36 us
+    _event('Optimizer.step#AdamW.step', 82, 97, step, kernel_us=5)  # 15 us
+    return [step] + _descendants(step)
+
+
+def _descendants(event):
+    return [e for child in event.cpu_children for e in [child] + _descendants(child)]
+
+
+def test_step_profile_counts_each_op_under_its_innermost_label():
+    profile = step_profile_from_events(_step_events())
+    assert profile.step_ms == 0.1 and profile.device_type == 'cpu'
+    expected_us = {
+        'residual functions': 2 + 18,  # the range's own time and the linear's
+        'recomputation': 2 + 36,  # the recompute range holds only the residual range: 0 us of its own
+        'side information': 2 + 8,
+        # the copy; the engine forward's own 40 - 20 - 3 - 10 us; the engine backward's own 40 - 38 us
+        'engine bookkeeping': 3 + 7 + 2,
+        'optimizer': 15,
+    }
+    assert {c: round(t * 1e3, 6) for c, t in profile.times_ms.items() if t} == expected_us
+    assert list(profile.times_ms) == list(PROFILE_CATEGORIES)
+    assert profile.unattributed_ms == pytest.approx(5 / 1e3)  # the step's own time
+    assert profile.percent('recomputation') == pytest.approx(38.0)
+    assert profile.percent('unattributed') == pytest.approx(5.0)
+
+
+def test_step_profile_on_cuda_counts_kernel_time():
+    profile = step_profile_from_events(_step_events(), 'cuda')
+    assert profile.device_type == 'cuda'
+    assert {c: round(t * 1e3, 6) for c, t in profile.times_ms.items() if t} == {
+        'residual functions': 7, 'side information': 2, 'recomputation': 11, 'optimizer': 5}
+    assert profile.unattributed_ms == pytest.approx((100 - 25) / 1e3)  # the device idles for the rest of the step
+
+
+ENGINE_CATEGORIES = ('recomputation', 'reconstruction', 'side information', 'engine bookkeeping', 'stream arithmetic')
+
+
+def test_profile_of_a_training_step_of_every_model():
+    models = {name: timm.create_model(name, **SMALL) for name in package_models()}
+    profiles = profile_train_steps(models, batch_size=2, warmup=1)
+    for name, p in profiles.items():
+        times = p.times_ms
+        print(name, f'{p.step_ms:.1f} ms:', ', '.join(f'{c} {p.percent(c):.1f}%' for c in times))
+        assert list(times) == list(PROFILE_CATEGORIES) and p.device_type == 'cpu'
+        assert min(times.values()) >= 0 and p.unattributed_ms >= 0
+        # every op's self time is counted once: the categories and the time between ops make up the step
+        assert sum(times.values()) + p.unattributed_ms == pytest.approx(p.step_ms, rel=1e-9)
+        assert times['residual functions'] > 0 and times['other forward'] > 0 and times['optimizer'] > 0
+        assert times['backward'] > 0  # the plain model's backward, the reversible models' head and embedding
+    assert not any(profiles['vit_small_cifar'].times_ms[c] for c in ENGINE_CATEGORIES)
+    for name in ('revvit_small_cifar', 'bdia_vit_small_cifar', 'momentum_revvit_small'):
+        assert all(profiles[name].times_ms[c] > 0 for c in ENGINE_CATEGORIES if c != 'side information'), name
+    assert profiles['revvit_small_cifar'].times_ms['side information'] == 0
+    assert profiles['bdia_vit_small_cifar'].times_ms['side information'] > 0
+    assert profiles['momentum_revvit_small'].times_ms['side information'] > 0
+    # the residual functions' profiler ranges are gone once profiled
+    assert not any(m._forward_hooks or m._forward_pre_hooks for model in models.values() for m in model.modules())
+
+
+def test_profile_keeps_each_models_step_of_median_length(monkeypatch):
+    lengths = iter([5., 1., 2., 9., 3., 4.])  # rounds alternate a, b then b, a: a gets 5, 9, 3 and b 1, 2, 4
+    monkeypatch.setattr(profiling, 'step_profile_from_events', lambda events, device_type: StepProfile(
+        next(lengths), dict.fromkeys(PROFILE_CATEGORIES, 0.), 0., device_type))
+    tiny = dict(SMALL, embed_dim=32, depth=1)
+    models = {'a': timm.create_model('vit_small_cifar', **tiny), 'b': timm.create_model('vit_small_cifar', **tiny)}
+    rounds = []
+    profiles = profile_train_steps(models, batch_size=1, repeats=3, warmup=0, on_round=rounds.append)
+    assert {name: p.step_ms for name, p in profiles.items()} == {'a': 5., 'b': 2.}
+    assert rounds == [0, 1, 2]

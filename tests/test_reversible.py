@@ -345,3 +345,27 @@ def test_core_layers_import_one_way():
         absolute |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
         assert package_imports <= may_import, (layer, package_imports)
         assert not any(m.startswith('timm_reversible') for m in absolute), (layer, absolute)
+
+
+@pytest.mark.parametrize('name', REVERSIBLE)
+def test_recomputation_uses_the_attention_backends_of_the_forward(name, monkeypatch):
+    """ A forward under `sdpa_kernel([MATH])` whose backward runs outside it: the recomputation allows only the
+    backends the forward allowed, so it cannot pick another attention kernel.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from timm_reversible.layers import LocalitySelfAttention
+    seen = []
+    forward = LocalitySelfAttention.forward
+
+    def recording(self, x):
+        seen.append((torch.is_grad_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.math_sdp_enabled()))
+        return forward(self, x)
+    monkeypatch.setattr(LocalitySelfAttention, 'forward', recording)
+    model = timm.create_model(name, embed_dim=32, depth=2, num_heads=2).train()
+    with sdpa_kernel([SDPBackend.MATH]):
+        loss = model(images(2)).sum()
+    assert torch.backends.cuda.flash_sdp_enabled()
+    loss.backward()
+    assert any(grad for grad, _, _ in seen), 'nothing was recomputed'
+    assert all(not flash and math for _, flash, math in seen)

@@ -1,10 +1,12 @@
-""" The comparison benchmark: every model at several depths, measured on this machine, as a table and plots.
+""" The comparison benchmark: every model at several depths, measured on this machine, as a table and plots,
+and the profile of their training steps.
 
 `scripts/benchmark.py` is the command-line front end; this module holds the model specs, the measuring
-loop and the report (terminal table, results.json, results.md, PNG plots), so that the figures can also be
-produced from Python. Definitions of the figures: DESIGN.md, "Measuring memory and speed", and
-`timm_reversible.profiling`.
+loops and the reports (terminal table, results.json, results.md, PNG plots; profile.md, profile.json), so
+that the figures can also be produced from Python. Definitions of the figures: DESIGN.md, "Measuring memory
+and speed", and `timm_reversible.profiling`.
 """
+import argparse
 import gc
 import json
 import math
@@ -18,37 +20,26 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import timm
 import torch
 import torch.nn as nn
+from timm.utils import ParseKwargs
 
 from .profiling import (
-    activation_memory_fit, count_flops, count_params, default_optimizer, input_bytes_per_image,
-    largest_batch_in_budget, make_train_step_fn, peak_training_memory, predicted_peak_training_memory, throughput, time_inference,
-    time_train_steps, training_state_bytes)
+    PROFILE_CATEGORIES, StepProfile, activation_memory_fit, count_flops, count_params, default_optimizer,
+    input_bytes_per_image, largest_batch_in_budget, make_train_step_fn, peak_training_memory,
+    predicted_peak_training_memory, profile_train_steps, throughput, time_inference, time_train_steps,
+    training_state_bytes)
+from .utils import MiB, package_models
 
 __all__ = [
-    'BASELINE', 'REFERENCE_STUDY', 'ModelSpec', 'BenchmarkConfig', 'BenchmarkRow', 'parse_model_spec',
-    'parse_kwargs', 'package_models', 'default_model_specs', 'run_benchmark', 'target_checks', 'format_table',
-    'markdown_report', 'plot_memory_vs_depth', 'plot_memory_vs_throughput', 'write_report', 'machine_info',
+    'BASELINE', 'ModelSpec', 'BenchmarkConfig', 'BenchmarkRow', 'parse_model_spec', 'default_model_specs',
+    'run_benchmark', 'ProfileRow', 'run_profile', 'find_row', 'format_number', 'format_table', 'markdown_table',
+    'markdown_report', 'profile_tables', 'profile_report', 'plot_memory_vs_depth', 'plot_memory_vs_throughput',
+    'write_report', 'write_profile_report', 'machine_info',
 ]
 
-MiB = 2 ** 20
 GiB = 2 ** 30
 
 # Every ratio in the table is against this model at the same depth and width (DESIGN.md).
 BASELINE = 'vit_small_cifar'
-
-# Figures published by the reference study (CIFAR-10, measured on its laptop GPU, batch 128). They are shown
-# beside ours for comparison only; nothing here was measured by this package.
-REFERENCE_STUDY: Dict[str, Any] = {
-    'description': "reference study's published figures (CIFAR-10, its laptop GPU, batch 128), not measured here",
-    'batch_size': 128,
-    'params_m': 9.59,
-    'gflops': 1.237,
-    'models': {
-        'vit_small_cifar': {'label': 'ViT', 'peak_mib': 1508, 'top1': 88.26},
-        'revvit_small_cifar': {'label': 'RevViT', 'peak_mib': 730, 'top1': 86.99},
-        'bdia_vit_small_cifar': {'label': 'BDIA', 'peak_mib': 909, 'top1': 88.99},
-    },
-}
 
 _GRAD_CKPT_KEYS = ('grad_checkpointing', 'grad_ckpt')
 
@@ -79,45 +70,35 @@ class ModelSpec:
         return model.to(device)
 
 
-def _parse_value(text: str) -> Any:
-    import yaml  # '1' -> 1, '0.1' -> 0.1, 'true' -> True, anything else stays a string
-    value = yaml.safe_load(text)
-    return text if value is None or isinstance(value, (dict, list)) else value
-
-
-def parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
-    """ ['embed_dim=32', 'num_heads=2'] -> {'embed_dim': 32, 'num_heads': 2}. """
-    out = {}
+def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    # the values of a spec read as those of --model-kwargs, by timm's own parser: Python literals, else strings
     for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key.strip():
+        if '=' not in item or not item.partition('=')[0].strip():
             raise ValueError(f'Expected key=value, got {item!r}.')
-        out[key.strip()] = _parse_value(value.strip())
-    return out
+    namespace = argparse.Namespace()
+    ParseKwargs(option_strings=[], dest='kwargs')(None, namespace, [item.strip() for item in items])
+    return namespace.kwargs
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """ 'name' or 'name:key=value,key=value' -> ModelSpec. `grad_checkpointing=1` turns on block checkpointing;
-    every other key is passed to `timm.create_model`. """
+    """ 'name' or 'name:key=value,key=value' -> ModelSpec. Values are Python literals (1, 0.1, True, 'avg') or
+    strings, as in `--model-kwargs`. `grad_checkpointing=1` (or True) turns on block checkpointing; every other
+    key is passed to `timm.create_model`. """
     name, _, rest = text.partition(':')
     name = name.strip()
     if not timm.is_model(name):
         raise ValueError(f'Unknown model {name!r}; registered by this package: {", ".join(package_models())}.')
-    kwargs = parse_kwargs([item for item in rest.split(',') if item.strip()])
+    kwargs = _parse_kwargs([item for item in rest.split(',') if item.strip()])
     grad_checkpointing = False
     for key in _GRAD_CKPT_KEYS:
         if key in kwargs:
-            grad_checkpointing = bool(kwargs.pop(key))
+            value = kwargs.pop(key)
+            if value not in (0, 1):  # also True / False; a string such as 'yes' would be truthy
+                raise ValueError(f'{text!r}: {key} takes 1 or 0 (True or False), got {value!r}.')
+            grad_checkpointing = bool(value)
     if 'depth' in kwargs:
         raise ValueError(f'{text!r}: depth comes from the depth sweep (--depths), not from the model spec.')
     return ModelSpec(name, kwargs, grad_checkpointing)
-
-
-def package_models() -> List[str]:
-    """ Every model this package registers with timm, read from timm's registry. """
-    return sorted(
-        name for name in timm.list_models()
-        if timm.models.model_entrypoint(name).__module__.startswith('timm_reversible'))
 
 
 def default_model_specs() -> List[ModelSpec]:
@@ -198,6 +179,13 @@ def _with_baseline(specs: Sequence[ModelSpec]) -> List[ModelSpec]:
     if not any(s.is_baseline for s in specs):
         specs.insert(0, ModelSpec(BASELINE))
     return specs
+
+
+def _unique(specs: Sequence[ModelSpec]) -> List[ModelSpec]:
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'Duplicate model specs: {labels}.')
+    return list(specs)
 
 
 def _free(device: torch.device) -> None:
@@ -287,10 +275,7 @@ def run_benchmark(
     from tqdm.auto import tqdm
 
     cfg = (config or BenchmarkConfig()).resolved()
-    specs = _with_baseline(specs if specs is not None else default_model_specs())
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f'Duplicate model specs: {labels}.')
+    specs = _unique(_with_baseline(specs if specs is not None else default_model_specs()))
     torch.manual_seed(0)
 
     rounds = 2 * (cfg.warmup + cfg.repeats)
@@ -331,48 +316,58 @@ def run_benchmark(
     return results
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Targets (project goals, reported as figures, never asserted)
+@dataclass
+class ProfileRow:
+    """ One model at one depth: where the time of its training step goes (`timm_reversible.profiling`). """
+    model: str
+    depth: int
+    profile: StepProfile
 
-def _find(rows: Sequence[BenchmarkRow], name: str, depth: int, grad_checkpointing: bool = False) -> Optional[BenchmarkRow]:
-    return next((r for r in rows if r.name == name and r.depth == depth and not r.kwargs
-                 and r.grad_checkpointing == grad_checkpointing and r.error is None), None)
 
+def run_profile(
+        specs: Optional[Sequence[ModelSpec]] = None,
+        config: Optional[BenchmarkConfig] = None,
+        progress: bool = True,
+) -> List[ProfileRow]:
+    """ Profile one training step of every spec at every depth at the timing batch (`profile_train_steps`):
+    per depth, the models are created together and profiled round-robin after their warm-up steps; with
+    `repeats` > 1, each model's step of median length is kept.
+    """
+    from tqdm.auto import tqdm
 
-def target_checks(rows: Sequence[BenchmarkRow]) -> List[Dict[str, Any]]:
-    """ The project's memory and speed targets, evaluated on the rows that exist. """
-    checks = []
-
-    def add(target: str, value: float, limit: float, strict: bool = False) -> None:
-        ok = value < limit if strict else value <= limit
-        checks.append(dict(target=target, value=round(value, 4), limit=round(limit, 4), met=bool(ok)))
-
-    for depth in sorted({r.depth for r in rows}):
-        base = _find(rows, BASELINE, depth)
-        ckpt = _find(rows, BASELINE, depth, grad_checkpointing=True)
-        rev = _find(rows, 'revvit_small_cifar', depth)
-        if rev and base and depth in (6, 24):
-            limit = 0.25 if depth == 6 else 0.07
-            add(f'revvit / vanilla activation memory, depth {depth}', rev.act_vs_baseline, limit)
-        if rev and ckpt:
-            add(f'revvit activation memory below vanilla + grad ckpt, depth {depth} (MiB/img)',
-                rev.act_mib_per_image, ckpt.act_mib_per_image, strict=True)
-        for r in rows:
-            if r.depth != depth or r.error is not None:
-                continue
-            if rev and r.name in ('bdia_vit_small_cifar', 'momentum_revvit_small') and r.reversible:
-                add(f'{r.model} / revvit activation memory, depth {depth}'
-                    + (' (split recomputation)' if r.split_backward else ''),
-                    r.act_mib_per_image / rev.act_mib_per_image, 1.10 if r.split_backward else 1.25)
-            if r.reversible and r.train_step_vs_baseline is not None:
-                add(f'{r.model} / vanilla train-step time, depth {depth} (floor 4/3)', r.train_step_vs_baseline, 1.35)
-    return checks
+    cfg = (config or BenchmarkConfig()).resolved()
+    specs = _unique(specs if specs is not None else default_model_specs())
+    torch.manual_seed(0)
+    rows: List[ProfileRow] = []
+    with tqdm(total=len(cfg.depths) * cfg.repeats, disable=not progress, unit='round') as bar:
+        for depth in cfg.depths:
+            bar.set_description(f'profiling {len(specs)} models depth {depth}')
+            models = {s.label: s.create(depth, cfg.device, **cfg.model_kwargs) for s in specs}
+            profiles = profile_train_steps(
+                models, cfg.batch_size, cfg.repeats, cfg.warmup, autocast_dtype=cfg.autocast_dtype,
+                on_round=lambda _: bar.update())
+            rows += [ProfileRow(label, depth, profiles[label]) for label in models]
+            del models
+            _free(torch.device(cfg.device))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Tables
 
-def _fmt(value: Any, digits: int = 2) -> str:
+def find_row(
+        rows: Sequence[BenchmarkRow],
+        name: str,
+        depth: int,
+        grad_checkpointing: bool = False,
+) -> Optional[BenchmarkRow]:
+    """ The measured row of registered model `name` at `depth`, created without extra kwargs (None if absent). """
+    return next((r for r in rows if r.name == name and r.depth == depth and not r.kwargs
+                 and r.grad_checkpointing == grad_checkpointing and r.error is None), None)
+
+
+def format_number(value: Any, digits: int = 2) -> str:
+    """ A table cell: thousands separators and `digits` decimals for floats, '-' for a missing value. """
     if value is None:
         return '-'
     if isinstance(value, float):
@@ -391,12 +386,13 @@ def _table_cells(rows: Sequence[BenchmarkRow], ref_batch: int, budget_gib: float
         if r.error is not None:
             body.append([r.model, str(r.depth), f'error: {r.error}'] + [''] * (len(header) - 3))
             continue
-        peak = _fmt(r.peak_train_mib, 0) + ('' if r.peak_train_measured else '*')
-        max_batch = _fmt(r.max_batch) + (' ok' if r.max_batch_checked else '*')
+        peak = format_number(r.peak_train_mib, 0) + ('' if r.peak_train_measured else '*')
+        max_batch = format_number(r.max_batch) + (' ok' if r.max_batch_checked else '*')
         body.append([
-            r.model, str(r.depth), _fmt(r.params_m), _fmt(r.gflops, 3), _fmt(r.act_mib_per_image),
-            _fmt(r.act_vs_baseline, 3), peak, _fmt(r.train_img_s, 1), _fmt(r.infer_img_s, 1),
-            _fmt(r.train_step_vs_baseline, 3), max_batch])
+            r.model, str(r.depth), format_number(r.params_m), format_number(r.gflops, 3),
+            format_number(r.act_mib_per_image), format_number(r.act_vs_baseline, 3), peak,
+            format_number(r.train_img_s, 1), format_number(r.infer_img_s, 1),
+            format_number(r.train_step_vs_baseline, 3), max_batch])
     return header, body
 
 
@@ -417,51 +413,32 @@ def format_table(rows: Sequence[BenchmarkRow], ref_batch: int = 128, budget_gib:
     return '\n'.join(lines)
 
 
-def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """ A markdown table, the first column left-aligned and the others right-aligned. """
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] + ['---:'] * (len(header) - 1)) + '|']
     lines += ['| ' + ' | '.join(c.replace('|', '\\|') for c in line) + ' |' for line in body]
     return '\n'.join(lines)
 
 
-def _reference_comparison(rows: Sequence[BenchmarkRow], ref_batch: int) -> str:
-    """ The reference study's figures beside ours for the models it reports (depth 6, default width). """
-    ref = REFERENCE_STUDY
-    ours_base = _find(rows, BASELINE, 6)
-    header = ['model', 'reference study: peak MiB', 'reference study: x ViT', f'ours: peak MiB @{ref_batch}',
-              'ours: x ViT', 'ours: act MiB/img', 'reference study: top-1 %']
-    body = []
-    for name, fig in ref['models'].items():
-        ours = _find(rows, name, 6)
-        ours_ratio = ours.peak_train_mib / ours_base.peak_train_mib if ours and ours_base else None
-        body.append([
-            f"{fig['label']} ({name})", _fmt(float(fig['peak_mib']), 0),
-            _fmt(fig['peak_mib'] / ref['models'][BASELINE]['peak_mib'], 3),
-            _fmt(ours.peak_train_mib, 0) if ours else 'not measured', _fmt(ours_ratio, 3),
-            _fmt(ours.act_mib_per_image) if ours else '-', _fmt(fig['top1'])])
-    size = (f"Size: the reference study reports {ref['params_m']}M params and {ref['gflops']} GFLOPs; "
-            + (f'ours ({BASELINE}, depth 6): {_fmt(ours_base.params_m)}M params, {_fmt(ours_base.gflops, 3)} GFLOPs.'
-               if ours_base else f'{BASELINE} at depth 6 was not measured in this run.'))
-    return '\n'.join([
-        f"Reference figures: {ref['description']}. Ours: this run, depth 6, peak of a whole training step "
-        f'(parameters, gradients, AdamW state, batch, activations) at batch {ref_batch}. Accuracy is not '
-        'measured by this benchmark.', '', _markdown_table(header, body), '', size])
+def _settings_lines(meta: Mapping[str, Any]) -> List[str]:
+    return [f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ", f"Machine: {meta['machine']}  "]
 
 
-def markdown_report(rows: Sequence[BenchmarkRow], meta: Mapping[str, Any]) -> str:
-    """ results.md: how the figures were made, the table, the reference study beside ours, the targets. """
+def markdown_report(
+        rows: Sequence[BenchmarkRow],
+        meta: Mapping[str, Any],
+        sections: Optional[Mapping[str, str]] = None,
+) -> str:
+    """ results.md: how the figures were made and the table, then `sections` (title -> markdown) in order. """
     ref_batch, budget = meta['ref_batch'], meta['mem_budget_gib']
     header, body = _table_cells(rows, ref_batch, budget)
-    checks = target_checks(rows)
     lines = [
-        '# timm-reversible benchmark', '',
-        f"Command: `{meta['command']}`  ",
-        f"Date: {meta['date']}  ",
-        f"Machine: {meta['machine']}  ",
+        '# timm-reversible benchmark', '', *_settings_lines(meta),
         f"Settings: device {meta['device']}, {meta['precision']}, timing batch {meta['batch_size']} "
         f"({meta['warmup']} warm-up + {meta['repeats']} timed rounds, medians), memory fitted at batches "
         f"{meta['memory_batch_sizes'][0]} and {meta['memory_batch_sizes'][1]}, reported at batch {ref_batch}, "
         f"budget {budget:g} GiB.", '',
-        _markdown_table(header, body), '',
+        markdown_table(header, body), '',
         f'- act MiB/img: activation memory per image (DESIGN.md: peak of live tensors during forward + backward '
         f'minus what was held before, over the batch) at batch {ref_batch}, from the linear fit through the two '
         f"measured batches; {meta['memory_method']}.",
@@ -471,15 +448,60 @@ def markdown_report(rows: Sequence[BenchmarkRow], meta: Mapping[str, Any]) -> st
         '`*` = predicted from the fit (exact at the fitted batches on CPU), otherwise measured.',
         f'- max batch @{budget:g} GiB: largest batch whose training peak fits the budget, from the per-image and '
         'fixed costs; `ok` = confirmed by one real step at that batch, `*` = computed only.',
-        '- train / infer img/s: throughput at the timing batch, warm-up excluded, device synchronised.',
-        '', '## Reference study', '', _reference_comparison(rows, ref_batch), '',
+        '- train / infer img/s: throughput at the timing batch, warm-up excluded, device synchronised.', '',
     ]
-    if checks:
-        lines += ['## Targets', '', '| target | value | limit | met |', '|---|---:|---:|---|']
-        lines += [f"| {c['target']} | {c['value']:.3f} | {c['limit']:.3f} | {'yes' if c['met'] else 'no'} |"
-                  for c in checks]
-        lines.append('')
+    for title, text in (sections or {}).items():
+        lines += [f'## {title}', '', text, '']
     return '\n'.join(lines)
+
+
+def profile_tables(rows: Sequence[ProfileRow]) -> str:
+    """ Markdown: per depth, every model's share of its step by category, then one table per model in ms. """
+    lines = []
+    for depth in dict.fromkeys(r.depth for r in rows):
+        at_depth = [r for r in rows if r.depth == depth]
+        header = ['% of the step'] + [r.model for r in at_depth]
+        body = [[category] + [format_number(r.profile.percent(category), 1) for r in at_depth]
+                for category in [*PROFILE_CATEGORIES, 'unattributed']]
+        body.append(['step ms'] + [format_number(r.profile.step_ms, 1) for r in at_depth])
+        lines += [f'### Depth {depth}', '', markdown_table(header, body), '']
+        for r in at_depth:
+            p = r.profile
+            body = [[category, format_number(p.times_ms[category], 1), format_number(p.percent(category), 1)]
+                    for category in PROFILE_CATEGORIES]
+            body += [['unattributed', format_number(p.unattributed_ms, 1), format_number(p.percent('unattributed'), 1)],
+                     ['step', format_number(p.step_ms, 1), '100.0']]
+            lines += [f'#### {r.model}, depth {depth}', '', markdown_table(['category', 'ms', '% of step'], body), '']
+    return '\n'.join(lines)
+
+
+def profile_report(rows: Sequence[ProfileRow], meta: Mapping[str, Any]) -> str:
+    """ profile.md: how the profile was taken, what each category counts, the tables. """
+    kind = 'device time of the kernels each op launched' if meta['device'].startswith('cuda') \
+        else 'self CPU time of each op'
+    return '\n'.join([
+        '# timm-reversible: where a training step\'s time goes', '', *_settings_lines(meta),
+        f"Settings: device {meta['device']}, {meta['precision']}, batch {meta['batch_size']}, "
+        f"{meta['warmup']} warm-up step(s), then {meta['repeats']} profiled step(s) per model, round-robin "
+        'between the models; the step of median length is shown.', '',
+        f'torch.profiler over one training step (zero_grad, forward, backward, AdamW step); {kind}, counted '
+        'under the innermost labelled range around the op:', '',
+        *[f'- **{category}**: {text}.' for category, text in PROFILE_CATEGORIES.items()],
+        '- **unattributed**: time inside the step but in no op (Python between ops; on CUDA, the device idle).',
+        '', profile_tables(rows)])
+
+
+def write_profile_report(rows: Sequence[ProfileRow], meta: Mapping[str, Any], out_dir: os.PathLike) -> Dict[str, Path]:
+    """ profile.json and profile.md in `out_dir`. """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {'json': out / 'profile.json', 'markdown': out / 'profile.md'}
+    payload = {
+        'meta': dict(meta), 'categories': PROFILE_CATEGORIES,
+        'rows': [dict(model=r.model, depth=r.depth, **asdict(r.profile)) for r in rows]}
+    paths['json'].write_text(json.dumps(payload, indent=2, default=str) + '\n')
+    paths['markdown'].write_text(profile_report(rows, meta))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -580,8 +602,18 @@ def machine_info(device: str) -> str:
     return f'{where}; torch {torch.__version__}, timm {timm.__version__}'
 
 
-def write_report(rows: Sequence[BenchmarkRow], meta: Mapping[str, Any], out_dir: os.PathLike) -> Dict[str, Path]:
-    """ results.json, results.md, memory_vs_depth.png and memory_vs_throughput.png in `out_dir`. """
+def write_report(
+        rows: Sequence[BenchmarkRow],
+        meta: Mapping[str, Any],
+        out_dir: os.PathLike,
+        sections: Optional[Mapping[str, str]] = None,
+        extra: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Path]:
+    """ results.json, results.md, memory_vs_depth.png and memory_vs_throughput.png in `out_dir`.
+
+    `sections` (title -> markdown) go after the table in results.md, `extra` (key -> JSON-able value) beside
+    'meta' and 'rows' in results.json: figures to compare with that are not measured here.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -593,12 +625,7 @@ def write_report(rows: Sequence[BenchmarkRow], meta: Mapping[str, Any], out_dir:
             rows, out / 'memory_vs_throughput.png',
             f"\n({meta['device']}; memory at batch {meta['ref_batch']}, speed at batch {meta['batch_size']})"),
     }
-    payload = {
-        'meta': dict(meta),
-        'reference_study': REFERENCE_STUDY,
-        'rows': [asdict(r) for r in rows],
-        'targets': target_checks(rows),
-    }
+    payload = {'meta': dict(meta), 'rows': [asdict(r) for r in rows], **(extra or {})}
     paths['json'].write_text(json.dumps(payload, indent=2, default=str) + '\n')
-    paths['markdown'].write_text(markdown_report(rows, meta))
+    paths['markdown'].write_text(markdown_report(rows, meta, sections))
     return paths

@@ -11,29 +11,26 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
-from timm.models import get_model_input_config
+
+from .utils import model_input_size
 
 __all__ = [
-    'model_input_size', 'count_params', 'count_flops', 'count_train_step_flops', 'activation_memory_per_image', 'train_step',
+    'count_params', 'count_flops', 'count_train_step_flops', 'activation_memory_per_image', 'train_step',
     'MemoryFit', 'activation_memory_fit', 'training_state_bytes', 'input_bytes_per_image',
     'predicted_peak_training_memory', 'peak_training_memory', 'max_batch_size', 'largest_batch_in_budget',
     'default_optimizer', 'make_train_step_fn', 'make_inference_fn', 'alternating_timings',
-    'time_train_steps', 'time_inference', 'train_step_time_ratio', 'throughput',
+    'time_train_steps', 'time_inference', 'train_step_time_ratio', 'throughput', 'PROFILE_CATEGORIES',
+    'profile_category', 'StepProfile', 'step_profile_from_events', 'profile_train_steps',
 ]
-
-
-def model_input_size(model: nn.Module) -> Tuple[int, ...]:
-    """ (C, H, W) the model was created for: its `in_chans` and `img_size`, not its checkpoint's. """
-    if not hasattr(model, '_traits'):  # not built by timm: its pretrained_cfg is all there is
-        return tuple(model.pretrained_cfg['input_size'])
-    return tuple(get_model_input_config(model)['input_size'])
 
 
 def count_params(model: nn.Module) -> int:
@@ -499,3 +496,182 @@ def train_step_time_ratio(
 def throughput(times: Sequence[float], batch_size: int) -> float:
     """ Images per second from per-call times (median, so one disturbed call does not move it). """
     return batch_size / statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profile: where the time of one training step goes
+
+# Category -> what it counts. The reversible engine labels its regions with `record_function('reversible.*')`;
+# the profile adds one range around each call of a block's submodules (the residual functions) and reads
+# the optimizer's own ranges. An op counts under the innermost of these ranges; op names decide only inside
+# the engine's forward and backward (copies vs the couplings' arithmetic) and, outside every range, forward
+# vs autograd's backward.
+PROFILE_CATEGORIES: Dict[str, str] = {
+    'residual functions': "the blocks' attention and MLP branches in the forward: norms, matmuls, attention, "
+                          'activations (the reversible models: in the engine\'s no-grad forward)',
+    'backward': "autograd's backward outside the reversible engine: the plain model's whole backward, the "
+                'reversible models\' patch embedding, head and loss',
+    'recomputation': 'reversible.recompute: residual functions recomputed with grad and backpropagated',
+    'reconstruction': 'reversible.reconstruct: the inverse arithmetic that recovers a step\'s input',
+    'side information': 'reversible.side_info: grid indices, bit packing and unpacking, random signs, range checks',
+    'engine bookkeeping': 'reversible.rng (RNG snapshots and restores), copies in the engine\'s forward and '
+                          'backward, and the Python driving them',
+    'stream arithmetic': "other ops in the engine's forward and backward: the couplings' updates (adds, "
+                         'quantization, packing side bits), gradient sums, reconstruction fingerprints',
+    'other forward': 'the rest of the forward: patch embedding, class token and position embedding, the plain '
+                     "blocks' residual adds, final norm, head, loss",
+    'optimizer': 'zero_grad and the AdamW step',
+}
+
+_ENGINE_LABELS = {
+    'reversible.recompute': 'recomputation',
+    'reversible.reconstruct': 'reconstruction',
+    'reversible.side_info': 'side information',
+    'reversible.rng': 'engine bookkeeping',
+    'reversible.forward': None,  # by op: residual functions, copies or stream arithmetic
+    'reversible.backward': None,  # by op: copies or stream arithmetic
+}
+_OPTIMIZER_LABEL_PREFIXES = ('Optimizer.step#', 'Optimizer.zero_grad#')
+_RESIDUAL_LABEL = 'profile.residual'
+_AUTOGRAD_PREFIX = 'autograd::engine::evaluate_function'
+_STEP_LABEL = 'profile.train_step'
+_COPY_OPS = frozenset({
+    'aten::copy_', 'aten::clone', 'aten::to', 'aten::_to_copy', 'aten::contiguous', 'aten::zeros_like',
+    'aten::empty_like', 'aten::detach', 'aten::detach_', 'detach', 'detach_'})
+
+
+def profile_category(label: Optional[str], in_residual: bool, op_name: str) -> str:
+    """ The category of an op's self time from the innermost engine or optimizer range around it (`label`, None
+    outside all), whether a residual function's range lies between that range and the op, and the name of the
+    outermost op below the range (the range's own name for the range's own time: Python between its ops).
+    """
+    if label is not None and label.startswith(_OPTIMIZER_LABEL_PREFIXES):
+        return 'optimizer'
+    if _ENGINE_LABELS.get(label) is not None:
+        return _ENGINE_LABELS[label]
+    if label is None and op_name.startswith(_AUTOGRAD_PREFIX):
+        return 'backward'  # also what gradient checkpointing recomputes in it
+    if in_residual:
+        return 'residual functions'
+    if label is None:
+        return 'other forward'
+    return 'engine bookkeeping' if op_name in _COPY_OPS or op_name == label else 'stream arithmetic'
+
+
+def _is_label(name: str) -> bool:
+    return name in _ENGINE_LABELS or name.startswith(_OPTIMIZER_LABEL_PREFIXES)
+
+
+def _event_category(event) -> str:
+    """ Walks from an op up to the step: the innermost label, whether a residual range encloses the op below
+    that label, and the outermost op below both. """
+    outermost, in_residual, node = event, False, event
+    while node is not None and node.name != _STEP_LABEL:
+        if _is_label(node.name):
+            return profile_category(node.name, in_residual, outermost.name)
+        if node.name == _RESIDUAL_LABEL:
+            in_residual = True
+        else:
+            outermost = node
+        node = node.cpu_parent
+    return profile_category(None, in_residual, outermost.name)
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """ One training step's time by category (`PROFILE_CATEGORIES`), in ms.
+
+    On CPU each op's self CPU time counts; on CUDA the device time of the kernels each op launched. The
+    categories and `unattributed_ms` (time inside the step but in no op: Python between ops on CPU, the
+    device idle on CUDA) add up to `step_ms`, the step from its start to the end of its last kernel.
+    """
+    step_ms: float
+    times_ms: Dict[str, float]
+    unattributed_ms: float
+    device_type: str
+
+    def percent(self, category: str) -> float:
+        """ A category's (or 'unattributed') share of the step, in %. """
+        value = self.unattributed_ms if category == 'unattributed' else self.times_ms[category]
+        return 100 * value / self.step_ms
+
+
+def step_profile_from_events(events: Sequence, device_type: str = 'cpu') -> StepProfile:
+    """ A `StepProfile` from torch.profiler's events of one step run inside `record_function(_STEP_LABEL)`. """
+    host_events = [e for e in events if e.device_type == DeviceType.CPU]
+    step = next(e for e in host_events if e.name == _STEP_LABEL)
+    times = dict.fromkeys(PROFILE_CATEGORIES, 0.)
+    if device_type == 'cuda':
+        # kernels count under the op that launched them, whichever thread it ran in (autograd's is another)
+        for event in host_events:
+            if event.self_device_time_total:
+                times[_event_category(event)] += event.self_device_time_total / 1e3
+    else:
+        below = list(step.cpu_children)
+        while below:
+            event = below.pop()
+            below.extend(event.cpu_children)
+            times[_event_category(event)] += event.self_cpu_time_total / 1e3
+    step_ms = step.cpu_time_total / 1e3
+    return StepProfile(step_ms, times, step_ms - sum(times.values()), device_type)
+
+
+@contextlib.contextmanager
+def _residual_ranges(model: nn.Module) -> Iterator[None]:
+    """ A profiler range around every call of a block's submodules (its norms, attention, MLP, drop-path): the
+    residual functions, however a model wires them (a plain block's forward, or a reversible coupling). """
+    open_ranges: List[Any] = []
+
+    def enter(module, args):
+        open_ranges.append(record_function(_RESIDUAL_LABEL).__enter__())
+
+    def leave(module, args, output):
+        open_ranges.pop().__exit__(None, None, None)
+
+    handles = []
+    for block in getattr(model, 'blocks', ()):
+        for module in block.children():
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _profile_one_step(model: nn.Module, step: Callable[[], None], profiles: List[StepProfile]) -> None:
+    device = next(model.parameters()).device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with _residual_ranges(model), profile(activities=activities) as prof:
+        with record_function(_STEP_LABEL):
+            step()
+            _synchronize(device)  # the step ends with its last kernel
+    profiles.append(step_profile_from_events(prof.events(), device.type))
+
+
+def profile_train_steps(
+        models: Mapping[str, nn.Module],
+        batch_size: int = 16,
+        repeats: int = 1,
+        warmup: int = 1,
+        input_size: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] = default_optimizer,
+        on_round: Optional[Callable[[int], None]] = None,
+) -> Dict[str, StepProfile]:
+    """ Each model's full training step (zero_grad, forward, backward, AdamW step) under torch.profiler, its
+    time split by `PROFILE_CATEGORIES`: CPU ops, and CUDA kernels for a CUDA model.
+
+    After `warmup` unprofiled steps, `repeats` steps of each model are profiled, round-robin in one loop as in
+    `alternating_timings`; of each model's, the step of median length is returned.
+    """
+    steps = {
+        name: make_train_step_fn(model, optimizer_factory(model), batch_size, input_size, autocast_dtype)
+        for name, model in models.items()}
+    device = _device_of(models)
+    alternating_timings(steps, repeats=0, warmup=warmup, device=device)
+    profiles: Dict[str, List[StepProfile]] = {name: [] for name in models}
+    alternating_timings(
+        {name: functools.partial(_profile_one_step, models[name], steps[name], profiles[name]) for name in models},
+        repeats=repeats, warmup=0, device=device, on_round=on_round)
+    return {name: sorted(p, key=lambda s: s.step_ms)[len(p) // 2] for name, p in profiles.items()}

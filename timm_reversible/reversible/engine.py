@@ -19,6 +19,7 @@ import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
 __all__ = [
@@ -53,21 +54,34 @@ class Tape:
         raise RuntimeError('side information is kept only by the reversible engine')
 
 
-class _AutocastState:
-    """ The autocast settings of the forward, to re-enter when recomputing. """
+_SDPA_BACKENDS = {
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+}
+
+
+class _KernelSettings:
+    """ What chooses the kernels of the forward, to re-enter when recomputing: its autocast settings and the
+    scaled-dot-product-attention backends it allowed (a forward under `sdpa_kernel(...)` is recomputed with the
+    same backends, though the backward runs outside that context).
+    """
 
     def __init__(self, device_type: str):
         self.device_types = {device_type, 'cpu'}
-        self.settings = {
+        self.autocast = {
             d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in self.device_types}
         self.cache_enabled = torch.is_autocast_cache_enabled()
+        self.sdpa_backends = [backend for backend, enabled in _SDPA_BACKENDS.items() if enabled()]
 
     @contextlib.contextmanager
     def enter(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            for d, (enabled, dtype) in self.settings.items():
+            for d, (enabled, dtype) in self.autocast.items():
                 stack.enter_context(
                     torch.autocast(d, dtype=dtype, enabled=enabled, cache_enabled=self.cache_enabled))
+            stack.enter_context(sdpa_kernel(self.sdpa_backends))
             yield
 
 
@@ -100,9 +114,9 @@ class _RngState:
 class ReplayTape(Tape):
     """ The engine's tape: records RNG snapshots, draws and side information in the forward, replays them after. """
 
-    def __init__(self, device: torch.device, autocast: _AutocastState):
+    def __init__(self, device: torch.device, kernels: _KernelSettings):
         self.device = device
-        self.autocast = autocast
+        self.kernels = kernels
         self.rng: Dict[str, _RngState] = {}
         self.side: Dict[str, Any] = {}
 
@@ -121,8 +135,8 @@ class ReplayTape(Tape):
 
     @contextlib.contextmanager
     def replay(self, name: str) -> Iterator[None]:
-        """ Re-enter the forward's RNG state at `name` and its autocast settings. """
-        with self.rng[name].restored(), self.autocast.enter():
+        """ Re-enter the forward's RNG state at `name` and its kernel settings (autocast, attention backends). """
+        with self.rng[name].restored(), self.kernels.enter():
             yield
 
     def vjp(
@@ -273,8 +287,8 @@ class _ReversibleFunction(torch.autograd.Function):
 
 
 def _new_tapes(steps: Sequence[ReversibleStep], state: State) -> List[ReplayTape]:
-    autocast = _AutocastState(state[0].device.type)
-    return [ReplayTape(state[0].device, autocast) for _ in steps]
+    kernels = _KernelSettings(state[0].device.type)
+    return [ReplayTape(state[0].device, kernels) for _ in steps]
 
 
 def reversible_forward(steps: Sequence[ReversibleStep], state: State, verify: bool = True) -> State:
