@@ -586,7 +586,8 @@ class _Checker:
         for amp in [None] + ([self.amp] if self.amp is not None else []):
             p = _precision_name(amp)
             for label, kwargs, kernels in self._gradient_variants():
-                self.line(name, size, f'gradients {p}{label}', lambda: self._gradients(name, size, amp, kwargs, kernels))
+                self.line(
+                    name, size, f'gradients {p}{label}', lambda: self._gradients(name, size, amp, kwargs, kernels))
             model = self.create(name, size, **DROPS)
             exact = isinstance(model, QuantizedReversibleVisionTransformer)
             if exact:
@@ -631,7 +632,8 @@ class _Checker:
             x = _images(SIZES[size].batch_size, model, self.device)
             try:
                 with _caller_rng_kept(self.device):
-                    steps.extend([seeded_training_step(model, x, False, amp), seeded_training_step(model, x, True, amp)])
+                    # both or neither: a list, not a generator that extend would consume halfway
+                    steps.extend([seeded_training_step(model, x, reversible, amp) for reversible in (False, True)])
             except Exception as e:
                 steps.append(e)
         if isinstance(steps[0], Exception):
