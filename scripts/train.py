@@ -51,9 +51,10 @@ from timm_reversible.data import (
     DIGITS, TRAIN_CROP_MODES, DatasetNotFoundError, DigitsDataset, create_image_dataset, create_train_transform,
     dataset_num_classes, seed_worker)
 from timm_reversible.training import (
-    CHECKPOINTS, NonFiniteLossError, ResumeArgsError, TrainingStateError, TrainProgress, check_resume_args,
-    dataset_tag, latest_checkpoint, load_checkpoint, read_args_yaml, restore_outputs, resolve_resume,
-    resume_arg_changes, run_changes_note, save_best, save_checkpoint, write_atomic, yaml_safe)
+    CHECKPOINTS, RESULTS_FILE, NonFiniteLossError, ResumeArgsError, TrainingStateError, TrainProgress,
+    check_resume_args, dataset_tag, latest_checkpoint, load_checkpoint, read_args_yaml, restore_outputs,
+    resolve_resume, resume_arg_changes, run_changes_note, run_results, save_best, save_checkpoint, write_atomic,
+    yaml_safe)
 
 _logger = logging.getLogger('train')
 
@@ -622,27 +623,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             f'{e}: training stopped. {kept} Try a lower --lr, --clip-grad, more --warmup-epochs, or bf16 '
             f'instead of fp16 mixed precision.') from None
 
-    results = OrderedDict(
-        model=args.model,
-        model_args=model_args,
-        dataset=args.dataset,
-        num_classes=num_classes,
-        img_size=img_size,
-        best_top1=progress.best_top1,
-        best_top5=progress.best_top5,
-        best_epoch=progress.best_epoch,
-        epochs=num_epochs,
-        train_loss=progress.train_loss,
-        wall_time_s=round(progress.wall_time_s, 3),
-        peak_memory_mib=progress.peak_memory_mib,
-        device=_device_name(accelerator),
-        num_processes=accelerator.num_processes,
-        mixed_precision=str(accelerator.mixed_precision),
-        recipe=recorded_args,
-        weights=progress.best_weights,
-    )
+    results = run_results(
+        progress, model=args.model, model_args=model_args, dataset=args.dataset, num_classes=num_classes,
+        img_size=img_size, epochs=num_epochs, device=_device_name(accelerator), num_processes=accelerator.num_processes,
+        mixed_precision=str(accelerator.mixed_precision), recipe=recorded_args)
     if accelerator.is_main_process:
-        write_atomic(os.path.join(exp_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
+        write_atomic(os.path.join(exp_dir, RESULTS_FILE), json.dumps(results, indent=2) + '\n')
         _logger.info(f'Done: best top1 {progress.best_top1:.2f} (epoch {progress.best_epoch}, {progress.best_weights} '
                      f'weights) in {progress.wall_time_s:.1f}s. Best model: {exp_dir}/model.safetensors')
     accelerator.wait_for_everyone()

@@ -29,7 +29,7 @@ __all__ = [
     'ResumeArgsError', 'TrainProgress', 'write_atomic', 'verify_checkpoint', 'latest_checkpoint',
     'save_checkpoint', 'resolve_resume', 'load_checkpoint', 'restore_outputs', 'save_best', 'read_summary',
     'RESUME_FREE_ARGS', 'STATE_RESTORED_ARGS', 'resume_arg_changes', 'check_resume_args', 'yaml_safe',
-    'read_args_yaml', 'run_changes_note', 'dataset_tag',
+    'read_args_yaml', 'run_changes_note', 'dataset_tag', 'RESULTS_FILE', 'RESULTS_KEYS', 'run_results',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -38,6 +38,12 @@ CHECKPOINTS = 'checkpoints'
 LATEST = 'latest'
 MANIFEST = 'manifest.json'
 BEST_FILES = ('model.safetensors', 'config.json')
+RESULTS_FILE = 'results.json'
+# what results.json holds, the record of a finished run that publishing reads
+RESULTS_KEYS = (
+    'model', 'model_args', 'dataset', 'num_classes', 'img_size', 'best_top1', 'best_top5', 'best_epoch', 'epochs',
+    'train_loss', 'wall_time_s', 'peak_memory_mib', 'device', 'num_processes', 'mixed_precision', 'recipe', 'weights',
+)
 _STATE_PREFIX = 'epoch-'
 
 
@@ -67,6 +73,7 @@ class TrainProgress:
     peak_memory_mib: Optional[float] = None
 
     def state_dict(self) -> Dict[str, Any]:
+        """ For Accelerate's `register_for_checkpointing`. """
         return asdict(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -268,6 +275,7 @@ def _num_random_states(ckpt_dir: str) -> int:
 
 
 def read_summary(path: str) -> List[Dict[str, str]]:
+    """ The rows of a summary.csv (timm's `update_summary` format); none when it does not exist yet. """
     if not os.path.isfile(path):
         return []
     with open(path, newline='') as f:
@@ -402,6 +410,7 @@ def yaml_safe(values: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def read_args_yaml(exp_dir: str) -> Optional[Dict[str, Any]]:
+    """ The flags an experiment recorded in its args.yaml, or None when it has none. """
     path = os.path.join(exp_dir, 'args.yaml')
     if not os.path.isfile(path):
         return None
@@ -425,3 +434,38 @@ def run_changes_note(exp_dir: str, epoch: int, changes: Mapping[str, Tuple[Any, 
     """ The record of flag changes a run went on with: [{'epoch': first epoch with them, 'changes': {...}}]. """
     previous = (read_args_yaml(exp_dir) or {}).get('resumed_with_changes') or []
     return list(previous) + [dict(epoch=epoch, changes={k: [old, new] for k, (old, new) in changes.items()})]
+
+
+def run_results(
+        progress: TrainProgress,
+        model: str,
+        model_args: Mapping[str, Any],
+        dataset: str,
+        num_classes: int,
+        img_size: int,
+        epochs: int,
+        device: str,
+        num_processes: int,
+        mixed_precision: str,
+        recipe: Mapping[str, Any],
+) -> Dict[str, Any]:
+    """ The contents of results.json (`RESULTS_KEYS`, in that order): the run's settings and what it reached. """
+    return dict(
+        model=model,
+        model_args=dict(model_args),
+        dataset=dataset,
+        num_classes=num_classes,
+        img_size=img_size,
+        best_top1=progress.best_top1,
+        best_top5=progress.best_top5,
+        best_epoch=progress.best_epoch,
+        epochs=epochs,
+        train_loss=progress.train_loss,
+        wall_time_s=round(progress.wall_time_s, 3),
+        peak_memory_mib=progress.peak_memory_mib,
+        device=device,
+        num_processes=num_processes,
+        mixed_precision=mixed_precision,
+        recipe=dict(recipe),
+        weights=progress.best_weights,
+    )
