@@ -26,7 +26,7 @@ from timm.models import save_for_hf
 
 __all__ = [
     'CHECKPOINTS', 'LATEST', 'MANIFEST', 'BEST_FILES', 'NonFiniteLossError', 'TrainingStateError',
-    'ResumeArgsError', 'TrainProgress', 'write_atomic', 'verify_checkpoint', 'latest_checkpoint',
+    'ResumeArgsError', 'TrainProgress', 'write_atomic', 'write_manifest', 'verify_checkpoint', 'latest_checkpoint',
     'save_checkpoint', 'resolve_resume', 'load_checkpoint', 'restore_outputs', 'save_best', 'read_summary',
     'RESUME_FREE_ARGS', 'STATE_RESTORED_ARGS', 'resume_arg_changes', 'check_resume_args', 'yaml_safe',
     'read_args_yaml', 'run_changes_note', 'dataset_tag', 'RESULTS_FILE', 'RESULTS_KEYS', 'run_results',
@@ -127,7 +127,8 @@ def _state_files(ckpt_dir: str) -> List[str]:
         for root, _, names in os.walk(ckpt_dir) for name in names if name != MANIFEST)
 
 
-def _write_manifest(ckpt_dir: str) -> None:
+def write_manifest(ckpt_dir: str) -> None:
+    """ Record the size and SHA-256 of every file of a training state in its manifest.json. """
     files = {
         rel: dict(size=os.path.getsize(os.path.join(ckpt_dir, rel)), sha256=_sha256(os.path.join(ckpt_dir, rel)))
         for rel in _state_files(ckpt_dir)}
@@ -217,7 +218,7 @@ def save_checkpoint(accelerator: Accelerator, exp_dir: str, epoch: int, keep: in
             src = os.path.join(exp_dir, fname)
             if os.path.isfile(src):
                 _link_or_copy(src, os.path.join(tmp, 'best', fname))
-        _write_manifest(tmp)
+        write_manifest(tmp)
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
