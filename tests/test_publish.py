@@ -139,7 +139,7 @@ def test_card_renders_the_measured_figures(published, run):
     act = activation_memory_per_image(copy.deepcopy(trained), batch_size=4, input_size=size) / 2 ** 20
     assert f'(MiB, training step): {act:.2f}, measured on the CPU' in readme
     assert f"Image size: {results['img_size']} x {results['img_size']}\n" in readme
-    assert f"top-1 {results['best_top1']:.2f} %, top-5 {results['best_top5']:.2f} % (best epoch 0 of 1)" in readme
+    assert f"top-1 {results['best_top1']:.2f} %, top-5 {results['best_top5']:.2f} % (best epoch 1 of 1)" in readme
     assert f"final train loss {results['train_loss']:.4f}" in readme
     assert f"| **vit_small_cifar** (this run) | 1 | vanilla | {pub._sig(count_params(trained) / 1e6)} |" in readme
     model_args = readme.split('**Model arguments:** `')[1].split('`')[0]

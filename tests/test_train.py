@@ -169,7 +169,7 @@ def test_two_process_data_parallel_matches_single_process(tmp_path: Path):
     assert out.count('Training with 2 process(es)') == 1, out
     for epoch in (1, 2):
         assert out.count(f'Epoch {epoch}/2:') == 1, out
-    assert out.count('Train: 0 [') == 1, out
+    assert out.count('Train: 1/2 [') == 1, out
     assert out.count('Done: best top1') == 1, out
 
 
@@ -233,7 +233,7 @@ def test_nonfinite_loss_stops_with_message_and_keeps_last_good_state(tmp_path: P
         '--experiment', 'diverged']
     message = train(args, tmp_path, returncode=1).stderr
     exp = tmp_path / 'diverged'
-    assert 'epoch 1' in message and ('nan' in message or 'inf' in message), message
+    assert 'epoch 2' in message and ('nan' in message or 'inf' in message), message
     assert 'last good training state' in message and 'epoch-0000' in message and '--resume' in message, message
     assert 'Traceback' not in message
     assert _latest(exp) == 'epoch-0000'
@@ -281,5 +281,5 @@ def test_nonfinite_training_loss_stops_at_once(tmp_path: Path):
     args = DIGITS + FAST + ['--model', 'vit_small_cifar', '--train-num-samples', '64', '--mean', 'inf',
                             '--output', str(tmp_path), '--experiment', 'nan']
     message = train(args, tmp_path, returncode=1).stderr
-    assert 'Loss is nan at epoch 0, batch 0' in message and 'no training state' in message, message
+    assert 'Loss is nan at epoch 1, batch 1' in message and 'no training state' in message, message
     assert not (tmp_path / 'nan' / 'checkpoints').exists() and not (tmp_path / 'nan' / 'model.safetensors').exists()

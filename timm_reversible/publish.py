@@ -77,7 +77,7 @@ CARD_FIELDS = {
     'model_args': 'create_model kwargs of the run, as Python keyword arguments',
     'top1': 'best top-1 accuracy (%)',
     'top5': 'best top-5 accuracy (%)',
-    'best_epoch': 'epoch of the best top-1',
+    'best_epoch': 'epoch of the best top-1, counted from 1',
     'epochs': 'epochs trained',
     'train_loss': 'final training loss',
     'wall_time': 'training wall time, h:mm:ss',
@@ -398,7 +398,7 @@ def card_fields(
         model_args=', '.join(f'{k}={v!r}' for k, v in model_args.items()),
         top1=f"{results['best_top1']:.2f}",
         top5=f"{results['best_top5']:.2f}",
-        best_epoch=str(results['best_epoch']),
+        best_epoch=str(results['best_epoch'] + 1),  # results.json counts from 0, as timm's summary.csv
         epochs=str(results['epochs']),
         train_loss=f"{results['train_loss']:.4f}",
         wall_time=_duration(results['wall_time_s']),
