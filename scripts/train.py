@@ -43,7 +43,7 @@ from timm.data.model_config import resolve_input_data_config  # timm's resolve_d
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model, get_pretrained_cfg, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import AverageMeter, ModelEmaV3, ParseKwargs, accuracy, update_summary
 
 import timm_reversible  # noqa: F401  registers the package's models with timm
@@ -51,9 +51,10 @@ from timm_reversible.data import (
     DIGITS, TRAIN_CROP_MODES, DatasetNotFoundError, DigitsDataset, create_image_dataset, create_train_transform,
     dataset_num_classes, seed_worker)
 from timm_reversible.training import (
-    CHECKPOINTS, NonFiniteLossError, ResumeArgsError, TrainingStateError, TrainProgress, check_resume_args,
-    dataset_tag, latest_checkpoint, load_checkpoint, read_args_yaml, restore_outputs, resolve_resume,
-    resume_arg_changes, run_changes_note, save_best, save_checkpoint, write_atomic, yaml_safe)
+    CHECKPOINTS, RESULTS_FILE, NonFiniteLossError, ResumeArgsError, TrainingStateError, TrainProgress,
+    check_resume_args, dataset_tag, latest_checkpoint, load_checkpoint, read_args_yaml, restore_outputs,
+    resolve_resume, resume_arg_changes, run_changes_note, run_results, save_best, save_checkpoint, write_atomic,
+    yaml_safe)
 
 _logger = logging.getLogger('train')
 
@@ -245,7 +246,10 @@ def _model_args(args: argparse.Namespace, num_classes: Optional[int], in_chans: 
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _resolve_lr(args: argparse.Namespace, num_processes: int) -> None:
+def _resolve_args(args: argparse.Namespace, num_processes: int) -> None:
+    """ The flags the script derives from others, set before a resume compares them with the recorded ones. """
+    if args.sched == 'plateau':
+        args.sched_on_updates = False  # it reacts to the epoch's eval metric only
     # timm's rule: without --lr, scale --lr-base by the global batch size
     if args.lr is None:
         global_batch_size = args.batch_size * num_processes * args.grad_accum_steps
@@ -273,11 +277,12 @@ def _check_finite(bad_batch: torch.Tensor, bad_loss: torch.Tensor, epoch: int, a
     bad = batches >= 0
     if bad.any():
         i = int(torch.where(bad, batches, batches.max() + 1).argmin())
-        raise NonFiniteLossError(f'Loss is {losses[i].item()} at epoch {epoch}, batch {int(batches[i])}')
+        raise NonFiniteLossError(f'Loss is {losses[i].item()} at epoch {epoch + 1}, batch {int(batches[i]) + 1}')
 
 
 def train_one_epoch(
         epoch: int,
+        num_epochs: int,
         model: nn.Module,
         loader: torch.utils.data.DataLoader,
         optimizer: torch.optim.Optimizer,
@@ -289,7 +294,9 @@ def train_one_epoch(
         model_ema: Optional[ModelEmaV3] = None,
         mixup_fn: Optional[Mixup] = None,
 ) -> Dict[str, float]:
-    """ One pass over the training data; the LR schedule steps per optimizer update. """
+    """ One pass over the training data (`epoch` counted from 0, logged from 1); the LR schedule steps per
+    optimizer update.
+    """
     if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         mixup_fn.mixup_enabled = False
     model.train()
@@ -299,7 +306,7 @@ def train_one_epoch(
     bad_batch = torch.full((), -1, dtype=torch.long, device=accelerator.device)
     bad_loss = torch.zeros((), device=accelerator.device)
     num_batches = len(loader)
-    pbar = tqdm(loader, desc=f'train {epoch}', disable=_no_progress_bar(accelerator), leave=False,
+    pbar = tqdm(loader, desc=f'train {epoch + 1}/{num_epochs}', disable=_no_progress_bar(accelerator), leave=False,
                 dynamic_ncols=True)
     for batch_idx, (input, target) in enumerate(pbar):
         if mixup_fn is not None:
@@ -333,7 +340,7 @@ def train_one_epoch(
             lr = optimizer.param_groups[0]['lr']
             pbar.set_postfix(loss=f'{float(losses.avg):.4f}', lr=f'{lr:.3g}')
             if not last_batch:
-                _logger.info(f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] '
+                _logger.info(f'Train: {epoch + 1}/{num_epochs} [{batch_idx + 1:>4d}/{num_batches}] '
                              f'loss {float(losses.val):.4f} ({float(losses.avg):.4f}) lr {lr:.3e}')
     train_loss = accelerator.reduce(torch.as_tensor(float(losses.avg), device=accelerator.device), reduction='mean')
     return OrderedDict(loss=float(train_loss))
@@ -399,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                  f'mixed precision: {accelerator.mixed_precision}.')
 
     # A resumed run goes on with the flags it was started with (checked before anything is built from them).
-    _resolve_lr(args, accelerator.num_processes)
+    _resolve_args(args, accelerator.num_processes)
     ckpt_dir, resume_exp, resume_changes = None, None, {}
     if args.resume:
         ckpt_dir, resume_exp = resolve_resume(args.resume)
@@ -504,8 +511,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                          f'{args.batch_size} x {accelerator.num_processes} processes: lower --batch-size.')
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    if args.sched == 'plateau':
-        args.sched_on_updates = False  # it reacts to the epoch's eval metric only
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer.optimizer, **scheduler_kwargs(args, decreasing_metric=False), updates_per_epoch=updates_per_epoch)
 
@@ -518,6 +523,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     accelerator.register_for_checkpointing(progress)
     if lr_scheduler is not None:  # --sched none leaves the optimizer's lr alone
         accelerator.register_for_checkpointing(lr_scheduler)
+        if isinstance(lr_scheduler, PlateauLRScheduler):
+            # timm saves only its best metric: its patience and cooldown counters would restart on resume
+            accelerator.register_for_checkpointing(lr_scheduler.lr_scheduler)
     if model_ema is not None:
         accelerator.register_for_checkpointing(model_ema)
 
@@ -543,11 +551,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
 
     if ckpt_dir is not None:
-        load_checkpoint(accelerator, ckpt_dir)
+        load_checkpoint(accelerator, ckpt_dir, allow_changes=args.resume_allow_changes)
         if accelerator.is_main_process:
             restore_outputs(ckpt_dir, resume_exp, exp_dir, progress.epoch)
         accelerator.wait_for_everyone()
-        _logger.info(f'Resumed from {ckpt_dir} after epoch {progress.epoch} ({progress.num_updates} updates).')
+        _logger.info(f'Resumed from {ckpt_dir} after epoch {progress.epoch + 1} ({progress.num_updates} updates).')
     else:
         if args.resume:
             _logger.warning(f'No training state in {args.resume} yet: starting from scratch.')
@@ -556,8 +564,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     start_epoch = progress.epoch + 1
 
     recorded_args = yaml_safe(vars(args))
-    if resume_changes:
-        recorded_args['resumed_with_changes'] = run_changes_note(resume_exp, start_epoch, resume_changes)
+    if resume_exp is not None:
+        changes_note = run_changes_note(resume_exp, start_epoch, resume_changes)
+        if changes_note:
+            recorded_args['resumed_with_changes'] = changes_note
     if accelerator.is_main_process:
         write_atomic(os.path.join(exp_dir, 'args.yaml'), yaml.safe_dump(recorded_args, default_flow_style=False))
     _logger.info(f'Output: {exp_dir}. {len(dataset_train)} training, {len(dataset_eval)} evaluation images, '
@@ -572,13 +582,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 t0 = time.perf_counter()
                 loader_train.set_epoch(epoch)
                 train_metrics = train_one_epoch(
-                    epoch, model, loader_train, optimizer, train_loss_fn, accelerator, lr_scheduler, progress, args,
+                    epoch, num_epochs, model, loader_train, optimizer, train_loss_fn, accelerator, lr_scheduler, progress, args,
                     model_ema=model_ema, mixup_fn=mixup_fn)
                 eval_metrics = validate(model, loader_eval, accelerator, num_classes)
                 # an update can take the weights to inf/NaN after the last finite loss: never save those
                 if not math.isfinite(eval_metrics['loss']) or not _all_finite(model):
                     raise NonFiniteLossError(
-                        f'Evaluation loss is {eval_metrics["loss"]} after epoch {epoch}, the weights diverged')
+                        f'Evaluation loss is {eval_metrics["loss"]} after epoch {epoch + 1}, the weights diverged')
                 candidates = [('model', eval_metrics)]
                 summary_metrics = eval_metrics
                 if model_ema is not None:
@@ -609,8 +619,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 _logger.info(
                     f'Epoch {epoch + 1}/{num_epochs}: train_loss {train_metrics["loss"]:.4f}, '
                     f'eval_loss {eval_metrics["loss"]:.4f}, top1 {eval_metrics["top1"]:.2f}, '
-                    f'top5 {eval_metrics["top5"]:.2f}{ema_text} (best {progress.best_top1:.2f} at '
-                    f'{progress.best_epoch}), lr {sum(lrs) / len(lrs):.3e}, {time.perf_counter() - t0:.1f}s')
+                    f'top5 {eval_metrics["top5"]:.2f}{ema_text} (best {progress.best_top1:.2f} at epoch '
+                    f'{progress.best_epoch + 1}), lr {sum(lrs) / len(lrs):.3e}, {time.perf_counter() - t0:.1f}s')
                 # last: the saved RNG state is the one the next epoch starts from
                 save_checkpoint(accelerator, exp_dir, epoch, args.checkpoint_hist)
     except (NonFiniteLossError, FloatingPointError) as e:
@@ -619,31 +629,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         kept = (f'The last good training state is kept: {latest} (resume with --resume {exp_dir}).'
                 if latest else 'No epoch had completed, so there is no training state to resume.')
         raise NonFiniteLossError(
-            f'{e}: training stopped. {kept} Try a lower --lr, --clip-grad, more --warmup-epochs, or bf16 '
+            f'{str(e).rstrip(".")}: training stopped. {kept} Try a lower --lr, --clip-grad, more --warmup-epochs, or bf16 '
             f'instead of fp16 mixed precision.') from None
 
-    results = OrderedDict(
-        model=args.model,
-        model_args=model_args,
-        dataset=args.dataset,
-        num_classes=num_classes,
-        img_size=img_size,
-        best_top1=progress.best_top1,
-        best_top5=progress.best_top5,
-        best_epoch=progress.best_epoch,
-        epochs=num_epochs,
-        train_loss=progress.train_loss,
-        wall_time_s=round(progress.wall_time_s, 3),
-        peak_memory_mib=progress.peak_memory_mib,
-        device=_device_name(accelerator),
-        num_processes=accelerator.num_processes,
-        mixed_precision=str(accelerator.mixed_precision),
-        recipe=recorded_args,
-        weights=progress.best_weights,
-    )
+    results = run_results(
+        progress, model=args.model, model_args=model_args, dataset=args.dataset, num_classes=num_classes,
+        img_size=img_size, epochs=num_epochs, device=_device_name(accelerator), num_processes=accelerator.num_processes,
+        mixed_precision=str(accelerator.mixed_precision), recipe=recorded_args)
     if accelerator.is_main_process:
-        write_atomic(os.path.join(exp_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
-        _logger.info(f'Done: best top1 {progress.best_top1:.2f} (epoch {progress.best_epoch}, {progress.best_weights} '
+        write_atomic(os.path.join(exp_dir, RESULTS_FILE), json.dumps(results, indent=2) + '\n')
+        _logger.info(f'Done: best top1 {progress.best_top1:.2f} (epoch {progress.best_epoch + 1}, {progress.best_weights} '
                      f'weights) in {progress.wall_time_s:.1f}s. Best model: {exp_dir}/model.safetensors')
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -18,9 +18,9 @@ import yaml
 from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
-from conftest import SMALL, TRAIN_SCRIPT, run_train_script as train, script_env
+from conftest import SMALL, TRAIN_SCRIPT, package_models, run_train_script as train, script_env
 from timm_reversible.data import DigitsDataset
-from timm_reversible.training import resume_arg_changes
+from timm_reversible.training import RESULTS_KEYS, resume_arg_changes
 
 pytestmark = pytest.mark.slow  # each test trains models or starts processes
 
@@ -68,40 +68,48 @@ def _flat(obj: Any) -> Any:
     return obj
 
 
-@torch.no_grad()
-def _digits_top1(model: torch.nn.Module, batch_size: int) -> float:
-    """ Accuracy on the digits test split, preprocessed as the model's own pretrained_cfg says. """
+def _digits_loader(model: torch.nn.Module, batch_size: int) -> torch.utils.data.DataLoader:
+    """ The digits test split, preprocessed as the model's own pretrained_cfg says. """
     cfg = resolve_data_config({}, model=model)
     ds = DigitsDataset('test', img_size=cfg['input_size'][1:], interpolation=cfg['interpolation'],
                        transform=create_transform(**cfg))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
-    model.eval()
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size)
+
+
+@torch.no_grad()
+def _digits_top1(model: torch.nn.Module, batch_size: int) -> float:
+    """ Accuracy on the digits test split in the model's current mode (train or eval). """
+    loader = _digits_loader(model, batch_size)
     correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in loader)
-    return 100. * correct / len(ds)
+    return 100. * correct / len(loader.dataset)
 
 
-@pytest.mark.parametrize('model_name', ['vit_small_cifar', 'bdia_vit_small_cifar'])
+@pytest.mark.parametrize('model_name', package_models())
 def test_digits_run_writes_the_output_contract(model_name: str, tmp_path: Path):
-    """ A real run on the offline digits (the plain model and an exact reversible one): far above chance
-    (10%), outputs as agreed, weights reloadable by timm from the folder alone, a log line per epoch.
+    """ A real run of every model on the offline digits: the training loss falls, far above chance (10%),
+    outputs as agreed, weights reloadable by timm from the folder alone, a log line per epoch; the momentum
+    model evaluates as it trains. (The suite's only training of the four models on the digits.)
     """
     proc = train(DIGITS + FAST + ['--model', model_name, '--output', str(tmp_path), '--experiment', 'run'], tmp_path)
     exp = tmp_path / 'run'
     results = _results(exp)
-    print(f"{model_name}: digits best top-1 {results['best_top1']:.2f}% after {results['epochs']} epochs")
-    assert results['best_top1'] >= 70., results
+    rows = _summary(exp)
+    losses = [float(r['train_loss']) for r in rows]
+    print(f"{model_name}: digits train loss {losses[0]:.3f} -> {losses[-1]:.3f}, best top-1 "
+          f"{results['best_top1']:.2f}% after {results['epochs']} epochs")
+    assert results['best_top1'] > 70., results
+    assert losses[-1] < 0.5 * losses[0], losses
     out = proc.stdout + proc.stderr
     assert [out.count(f'Epoch {e}/4:') for e in (1, 2, 3, 4)] == [1, 1, 1, 1], out
     assert 'Epoch 0/' not in out
 
     # the output contract scripts/publish.py reads
-    assert set(results) == RESULT_KEYS
+    assert set(results) == RESULT_KEYS == set(RESULTS_KEYS)
     assert results['model'] == model_name and results['num_classes'] == 10 and results['img_size'] == 16
     assert results['epochs'] == 4 and results['num_processes'] == 1 and results['weights'] == 'model'
     assert results['model_args'] == dict(SMALL, num_classes=10, in_chans=3, img_size=16, drop_rate=0.)
     assert results['recipe']['model'] == model_name and results['recipe']['lr'] == 2e-3
     assert yaml.safe_load((exp / 'args.yaml').read_text()) == results['recipe']
-    rows = _summary(exp)
     assert list(rows[0].keys()) == SUMMARY_COLUMNS
     assert [int(r['epoch']) for r in rows] == [0, 1, 2, 3]
     assert max(float(r['eval_top1']) for r in rows) == pytest.approx(results['best_top1'])
@@ -123,7 +131,13 @@ def test_digits_run_writes_the_output_contract(model_name: str, tmp_path: Path):
     # timm rebuilds the best model from the folder alone and scores what training reported
     model = timm.create_model(f'local-dir:{exp}', pretrained=True)
     _assert_same_tensors(model.state_dict(), load_file(exp / 'model.safetensors'))
-    assert abs(_digits_top1(model, batch_size=32) - results['best_top1']) <= 100. / 355 + 1e-6
+    assert abs(_digits_top1(model.eval(), batch_size=32) - results['best_top1']) <= 100. / 355 + 1e-6
+    if model_name == 'momentum_revvit_small':
+        # the same update in training and evaluation: with no dropout, train-mode predictions are the eval ones
+        x = next(iter(_digits_loader(model, batch_size=64)))[0]
+        with torch.no_grad():
+            assert torch.equal(model.train()(x), model.eval()(x))
+        assert _digits_top1(model.train(), batch_size=32) == _digits_top1(model.eval(), batch_size=32)
 
 
 def test_two_process_data_parallel_matches_single_process(tmp_path: Path):
@@ -155,7 +169,7 @@ def test_two_process_data_parallel_matches_single_process(tmp_path: Path):
     assert out.count('Training with 2 process(es)') == 1, out
     for epoch in (1, 2):
         assert out.count(f'Epoch {epoch}/2:') == 1, out
-    assert out.count('Train: 0 [') == 1, out
+    assert out.count('Train: 1/2 [') == 1, out
     assert out.count('Done: best top1') == 1, out
 
 
@@ -217,7 +231,7 @@ def test_nonfinite_loss_stops_with_message_and_keeps_last_good_state(tmp_path: P
         '--experiment', 'diverged']
     message = train(args, tmp_path, returncode=1).stderr
     exp = tmp_path / 'diverged'
-    assert 'epoch 1' in message and ('nan' in message or 'inf' in message), message
+    assert 'epoch 2' in message and ('nan' in message or 'inf' in message), message
     assert 'last good training state' in message and 'epoch-0000' in message and '--resume' in message, message
     assert 'Traceback' not in message
     assert _latest(exp) == 'epoch-0000'
@@ -264,5 +278,5 @@ def test_nonfinite_training_loss_stops_at_once(tmp_path: Path):
     args = DIGITS + FAST + ['--model', 'vit_small_cifar', '--train-num-samples', '64', '--mean', 'inf',
                             '--output', str(tmp_path), '--experiment', 'nan']
     message = train(args, tmp_path, returncode=1).stderr
-    assert 'Loss is nan at epoch 0, batch 0' in message and 'no training state' in message, message
+    assert 'Loss is nan at epoch 1, batch 1' in message and 'no training state' in message, message
     assert not (tmp_path / 'nan' / 'checkpoints').exists() and not (tmp_path / 'nan' / 'model.safetensors').exists()

@@ -40,10 +40,11 @@ import torch
 import yaml
 
 import timm
-from timm.models import get_model_input_config
 
 from ._hub import HUB_NAMESPACE_ENV, TAG_DATASETS, hub_namespace
 from .profiling import activation_memory_per_image, count_flops, count_params
+from .training import RESULTS_FILE, RESULTS_KEYS
+from .utils import MiB, model_input_size
 
 __all__ = [
     'PublishError', 'Run', 'load_run', 'load_run_model', 'Benchmark', 'PUBLISHED_FILES', 'CARD_FIELDS',
@@ -52,10 +53,6 @@ __all__ = [
 ]
 
 PUBLISHED_FILES = ('model.safetensors', 'config.json', 'README.md')
-RESULTS_KEYS = (
-    'model', 'model_args', 'dataset', 'num_classes', 'img_size', 'best_top1', 'best_top5', 'best_epoch', 'epochs',
-    'train_loss', 'wall_time_s', 'peak_memory_mib', 'device', 'num_processes', 'mixed_precision', 'recipe', 'weights',
-)
 DEFAULT_ACT_BATCH_SIZE = 128
 
 # Hugging Face Hub dataset ids for the card's front matter; other datasets keep their own name.
@@ -80,7 +77,7 @@ CARD_FIELDS = {
     'model_args': 'create_model kwargs of the run, as Python keyword arguments',
     'top1': 'best top-1 accuracy (%)',
     'top5': 'best top-5 accuracy (%)',
-    'best_epoch': 'epoch of the best top-1',
+    'best_epoch': 'epoch of the best top-1, counted from 1',
     'epochs': 'epochs trained',
     'train_loss': 'final training loss',
     'wall_time': 'training wall time, h:mm:ss',
@@ -130,7 +127,7 @@ def load_run(run_dir: Union[str, Path]) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise PublishError(f'Run directory {str(path)!r} does not exist.')
-    if not (path / 'results.json').is_file():
+    if not (path / RESULTS_FILE).is_file():
         raise PublishError(
             f'{path} has no results.json: the run has not finished (scripts/train.py writes results.json at its end), '
             f'so there are no results to publish. Train to the end first, or pick the run\'s directory '
@@ -142,7 +139,7 @@ def load_run(run_dir: Union[str, Path]) -> Run:
             + (f' (found {", ".join(pickles)}, which are not)' if pickles else '') + '.')
     if not (path / 'config.json').is_file():
         raise PublishError(f'{path} has no config.json (timm.models.save_for_hf writes it next to model.safetensors).')
-    results = _read_json(path / 'results.json')
+    results = _read_json(path / RESULTS_FILE)
     if not isinstance(results, dict):
         raise PublishError(f'{path / "results.json"} holds no results object.')
     missing = [k for k in RESULTS_KEYS if k not in results]
@@ -199,17 +196,11 @@ def _model_depth(model: torch.nn.Module) -> Optional[int]:
     return len(blocks) if blocks is not None else None
 
 
-def _input_size(model: torch.nn.Module) -> tuple:
-    """ The input the model takes as built (its pretrained_cfg keeps the registered size when img_size differs). """
-    return tuple(get_model_input_config(model)['input_size'])
-
-
 def _model_mode(model: torch.nn.Module) -> str:
     """ How the model runs its blocks by default: 'reversible' or 'vanilla'. """
     return 'reversible' if getattr(model, 'reversible', False) else 'vanilla'
 
 
-MiB = 2. ** 20
 _MODE_LABELS = {'vanilla': 'vanilla', 'checkpoint': 'grad ckpt', 'reversible': 'reversible'}
 
 
@@ -282,7 +273,7 @@ def model_figures(
     """ Params, GMACs and activation memory per image of `model` (all measured, none typed). """
     name = model.pretrained_cfg['architecture']
     depth, mode = _model_depth(model), _model_mode(model)
-    input_size = _input_size(model)
+    input_size = model_input_size(model)
     figures = dict(
         params=count_params(model),
         gmacs=count_flops(model, input_size=input_size) / 2 / 1e9,
@@ -407,7 +398,7 @@ def card_fields(
         model_args=', '.join(f'{k}={v!r}' for k, v in model_args.items()),
         top1=f"{results['best_top1']:.2f}",
         top5=f"{results['best_top5']:.2f}",
-        best_epoch=str(results['best_epoch']),
+        best_epoch=str(results['best_epoch'] + 1),  # results.json counts from 0, as timm's summary.csv
         epochs=str(results['epochs']),
         train_loss=f"{results['train_loss']:.4f}",
         wall_time=_duration(results['wall_time_s']),
@@ -483,7 +474,7 @@ def check_registry_name(run: Run, repo_id: str, model: torch.nn.Module) -> None:
     try:
         registered = timm.create_model(
             model_tag, pretrained=True, pretrained_cfg_overlay=dict(file=str(run.weights))).eval()
-        x = torch.randn(2, *_input_size(model), generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, *model_input_size(model), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             if not torch.equal(registered(x), model(x)):
                 reason = 'its outputs differ from the run\'s'
@@ -643,7 +634,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     f = result.figures
     print(f"{args.repo_id}: {f['params'] / 1e6:.2f}M params, {f['gmacs']:.4g} GMACs, "
-          f"{f['act_bytes'] / 2 ** 20:.2f} MiB/img activations ({f['act_source']})")
+          f"{f['act_bytes'] / MiB:.2f} MiB/img activations ({f['act_source']})")
     if result.folder is not None:
         print(f'wrote {", ".join(PUBLISHED_FILES)} to {result.folder}')
         print(f'load: timm.create_model("local-dir:{result.folder}", pretrained=True)')

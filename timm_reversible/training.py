@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import pickle
+import random
 import shutil
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import yaml
@@ -26,10 +28,10 @@ from timm.models import save_for_hf
 
 __all__ = [
     'CHECKPOINTS', 'LATEST', 'MANIFEST', 'BEST_FILES', 'NonFiniteLossError', 'TrainingStateError',
-    'ResumeArgsError', 'TrainProgress', 'write_atomic', 'verify_checkpoint', 'latest_checkpoint',
+    'ResumeArgsError', 'TrainProgress', 'write_atomic', 'write_manifest', 'verify_checkpoint', 'latest_checkpoint',
     'save_checkpoint', 'resolve_resume', 'load_checkpoint', 'restore_outputs', 'save_best', 'read_summary',
     'RESUME_FREE_ARGS', 'STATE_RESTORED_ARGS', 'resume_arg_changes', 'check_resume_args', 'yaml_safe',
-    'read_args_yaml', 'run_changes_note', 'dataset_tag',
+    'read_args_yaml', 'run_changes_note', 'dataset_tag', 'RESULTS_FILE', 'RESULTS_KEYS', 'run_results',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -38,6 +40,12 @@ CHECKPOINTS = 'checkpoints'
 LATEST = 'latest'
 MANIFEST = 'manifest.json'
 BEST_FILES = ('model.safetensors', 'config.json')
+RESULTS_FILE = 'results.json'
+# what results.json holds, the record of a finished run that publishing reads
+RESULTS_KEYS = (
+    'model', 'model_args', 'dataset', 'num_classes', 'img_size', 'best_top1', 'best_top5', 'best_epoch', 'epochs',
+    'train_loss', 'wall_time_s', 'peak_memory_mib', 'device', 'num_processes', 'mixed_precision', 'recipe', 'weights',
+)
 _STATE_PREFIX = 'epoch-'
 
 
@@ -67,6 +75,7 @@ class TrainProgress:
     peak_memory_mib: Optional[float] = None
 
     def state_dict(self) -> Dict[str, Any]:
+        """ For Accelerate's `register_for_checkpointing`. """
         return asdict(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -81,6 +90,12 @@ def _fsync_tree(path: str) -> None:
         for name in files:
             with open(os.path.join(root, name), 'rb') as f:
                 os.fsync(f.fileno())
+
+
+def _chmod_tree(path: str, mode: int) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -120,7 +135,8 @@ def _state_files(ckpt_dir: str) -> List[str]:
         for root, _, names in os.walk(ckpt_dir) for name in names if name != MANIFEST)
 
 
-def _write_manifest(ckpt_dir: str) -> None:
+def write_manifest(ckpt_dir: str) -> None:
+    """ Record the size and SHA-256 of every file of a training state in its manifest.json. """
     files = {
         rel: dict(size=os.path.getsize(os.path.join(ckpt_dir, rel)), sha256=_sha256(os.path.join(ckpt_dir, rel)))
         for rel in _state_files(ckpt_dir)}
@@ -210,7 +226,8 @@ def save_checkpoint(accelerator: Accelerator, exp_dir: str, epoch: int, keep: in
             src = os.path.join(exp_dir, fname)
             if os.path.isfile(src):
                 _link_or_copy(src, os.path.join(tmp, 'best', fname))
-        _write_manifest(tmp)
+        _chmod_tree(tmp, _default_file_mode())  # Accelerate's safetensors are written 0600, its pickles 0644
+        write_manifest(tmp)
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -244,30 +261,62 @@ def resolve_resume(path: str) -> Tuple[Optional[str], str]:
     raise FileNotFoundError(f'--resume {path!r}: no such experiment or checkpoint directory.')
 
 
-def load_checkpoint(accelerator: Accelerator, ckpt_dir: str) -> None:
-    """ Restore a verified training state, random states included: a state whose random states cannot be
-    restored here (written by another number of processes, or unreadable) stops the resume, since the run
-    would no longer be the one it continues.
+def load_checkpoint(accelerator: Accelerator, ckpt_dir: str, allow_changes: bool = False) -> None:
+    """ Restore a verified training state, random states included.
+
+    A state whose random states cannot be restored here stops the resume, since the run would no longer be the one
+    it continues: written by another number of processes (each has its own random streams and the global batch
+    differs; `allow_changes` lets fewer processes go on), unreadable, or not restored by Accelerate, which catches
+    any error there and only logs it at INFO, so the generators are compared with the saved states afterwards.
     """
-    random_states = os.path.join(ckpt_dir, f'random_states_{accelerator.process_index}.pkl')
+    written_by = sum(1 for f in os.listdir(ckpt_dir) if f.startswith('random_states_'))
+    process = accelerator.process_index
+    if written_by != accelerator.num_processes and not (allow_changes and written_by > accelerator.num_processes):
+        raise TrainingStateError(
+            f'{ckpt_dir} was written by {written_by} process(es), this run has {accelerator.num_processes}: the '
+            f'global batch and the random streams of the processes would differ. Resume with {written_by} '
+            f'process(es), or pass --resume-allow-changes to go on with fewer.')
+    random_states = os.path.join(ckpt_dir, f'random_states_{process}.pkl')
     try:
         with open(random_states, 'rb') as f:
-            states = torch.load(f, weights_only=False)
-        if 'torch_manual_seed' not in states:
+            saved = torch.load(f, weights_only=False)
+        if not isinstance(saved, dict) or 'torch_manual_seed' not in saved:
             raise KeyError('torch_manual_seed')
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, RuntimeError, TypeError) as e:
         raise TrainingStateError(
-            f'The random states of process {accelerator.process_index} cannot be restored from {random_states} '
-            f'({type(e).__name__}: {e}); the state was written by {_num_random_states(ckpt_dir)} process(es), this '
-            f'run has {accelerator.num_processes}. Resume with the same number of processes, or start anew.') from e
+            f'The random states of process {process} cannot be restored from {random_states} '
+            f'({type(e).__name__}: {e}).') from e
     accelerator.load_state(ckpt_dir)
+    unrestored = _unrestored_random_states(saved)
+    if unrestored:
+        raise TrainingStateError(
+            f'The random states of process {process} in {random_states} were not restored ({", ".join(unrestored)}): '
+            f'the resumed run would not be the one it continues. Resume on a machine like the one that wrote the '
+            f'state, or start anew.')
 
 
-def _num_random_states(ckpt_dir: str) -> int:
-    return sum(1 for f in os.listdir(ckpt_dir) if f.startswith('random_states_'))
+def _unrestored_random_states(saved: Mapping[str, Any]) -> List[str]:
+    """ The generators whose state differs from `saved` (Accelerate's random_states_N.pkl). """
+    unrestored = []
+    if random.getstate() != saved.get('random_state'):
+        unrestored.append('python')
+    numpy_saved, numpy_now = saved.get('numpy_random_seed'), np.random.get_state()
+    if numpy_saved is None or not (numpy_now[0] == numpy_saved[0] and np.array_equal(numpy_now[1], numpy_saved[1])
+                                   and tuple(numpy_now[2:]) == tuple(numpy_saved[2:])):
+        unrestored.append('numpy')
+    if not torch.equal(torch.get_rng_state(), saved['torch_manual_seed']):
+        unrestored.append('torch')
+    if torch.cuda.is_available():
+        cuda_saved = saved.get('torch_cuda_manual_seed')
+        cuda_now = torch.cuda.get_rng_state_all()
+        if cuda_saved is None or len(cuda_saved) != len(cuda_now) or not all(
+                torch.equal(a, b) for a, b in zip(cuda_now, cuda_saved)):
+            unrestored.append('cuda')
+    return unrestored
 
 
 def read_summary(path: str) -> List[Dict[str, str]]:
+    """ The rows of a summary.csv (timm's `update_summary` format); none when it does not exist yet. """
     if not os.path.isfile(path):
         return []
     with open(path, newline='') as f:
@@ -335,9 +384,7 @@ def save_best(
                     data_config=dict(data_config))
     finally:
         model.pretrained_cfg = original_cfg
-    mode = _default_file_mode()
-    for fname in BEST_FILES:
-        os.chmod(os.path.join(tmp, fname), mode)  # safetensors writes 0600; the run's other files follow the umask
+    _chmod_tree(tmp, _default_file_mode())  # safetensors writes 0600; the run's other files follow the umask
     _fsync_tree(tmp)
     # config.json is the same for every epoch of a run, so the two renames never pair mismatched files
     for fname in BEST_FILES:
@@ -402,6 +449,7 @@ def yaml_safe(values: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def read_args_yaml(exp_dir: str) -> Optional[Dict[str, Any]]:
+    """ The flags an experiment recorded in its args.yaml, or None when it has none. """
     path = os.path.join(exp_dir, 'args.yaml')
     if not os.path.isfile(path):
         return None
@@ -422,6 +470,45 @@ def dataset_tag(dataset: str) -> str:
 
 
 def run_changes_note(exp_dir: str, epoch: int, changes: Mapping[str, Tuple[Any, Any]]) -> List[Dict[str, Any]]:
-    """ The record of flag changes a run went on with: [{'epoch': first epoch with them, 'changes': {...}}]. """
-    previous = (read_args_yaml(exp_dir) or {}).get('resumed_with_changes') or []
-    return list(previous) + [dict(epoch=epoch, changes={k: [old, new] for k, (old, new) in changes.items()})]
+    """ The record of the flag changes a run went on with, those of its earlier resumes first:
+    [{'epoch': first epoch (from 0) with them, 'changes': {flag: [old, new]}}, ...]; empty when it has none.
+    """
+    note = list((read_args_yaml(exp_dir) or {}).get('resumed_with_changes') or [])
+    if changes:
+        note.append(dict(epoch=epoch, changes={k: [old, new] for k, (old, new) in changes.items()}))
+    return note
+
+
+def run_results(
+        progress: TrainProgress,
+        model: str,
+        model_args: Mapping[str, Any],
+        dataset: str,
+        num_classes: int,
+        img_size: int,
+        epochs: int,
+        device: str,
+        num_processes: int,
+        mixed_precision: str,
+        recipe: Mapping[str, Any],
+) -> Dict[str, Any]:
+    """ The contents of results.json (`RESULTS_KEYS`, in that order): the run's settings and what it reached. """
+    return dict(
+        model=model,
+        model_args=dict(model_args),
+        dataset=dataset,
+        num_classes=num_classes,
+        img_size=img_size,
+        best_top1=progress.best_top1,
+        best_top5=progress.best_top5,
+        best_epoch=progress.best_epoch,
+        epochs=epochs,
+        train_loss=progress.train_loss,
+        wall_time_s=round(progress.wall_time_s, 3),
+        peak_memory_mib=progress.peak_memory_mib,
+        device=device,
+        num_processes=num_processes,
+        mixed_precision=mixed_precision,
+        recipe=dict(recipe),
+        weights=progress.best_weights,
+    )
