@@ -164,11 +164,11 @@ class SmallDataVisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """ A new head for `num_classes` (0: none), on the model's device and dtype and in its mode. """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
         if global_pool is not None:
             _check_global_pool(global_pool)
             self.global_pool = global_pool
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
