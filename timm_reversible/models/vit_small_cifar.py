@@ -6,15 +6,18 @@
 `SmallDataVisionTransformer` is also the base of the reversible models: they share the stem, the
 blocks' weights, the head and the timm model contract, and only re-wire how blocks are chained.
 """
+import math
+import numbers
+from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from timm.layers import trunc_normal_
+from timm.layers import calculate_drop_path_rates, get_device_dtype, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
+from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
 
 from .._hub import hub_id
 from ..layers import Block, ShiftedPatchTokenization, init_weights_vit
@@ -23,6 +26,27 @@ __all__ = ['SmallDataVisionTransformer']
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+GLOBAL_POOL_TYPES = ('', 'avg', 'token')
+
+
+def _check_global_pool(global_pool: str) -> None:
+    # AssertionError, as timm's models raise for a pooling they do not support (its tests expect it)
+    if global_pool not in GLOBAL_POOL_TYPES:
+        raise AssertionError(f"global_pool must be '', 'avg' or 'token', got {global_pool!r}.")
+
+
+def _check_settings(num_classes: int, embed_dim: int, depth: int, mlp_ratio: float, **drop_rates: float) -> None:
+    """ Reject at creation what would build a broken model or fail later inside torch. """
+    for name, value, low in (('num_classes', num_classes, 0), ('embed_dim', embed_dim, 1), ('depth', depth, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
+    if not (math.isfinite(mlp_ratio) and int(embed_dim * mlp_ratio) >= 1):
+        raise ValueError(
+            f'mlp_ratio must be > 0 and finite, with an MLP at least 1 wide (int(embed_dim * mlp_ratio) >= 1), '
+            f'got {mlp_ratio!r} for embed_dim {embed_dim}.')
+    for name, rate in drop_rates.items():
+        if not 0 <= rate < 1:
+            raise ValueError(f'{name} must be in [0, 1), got {rate!r}.')
 
 
 class SmallDataVisionTransformer(nn.Module):
@@ -44,6 +68,8 @@ class SmallDataVisionTransformer(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
     ):
         """
         Args:
@@ -61,19 +87,19 @@ class SmallDataVisionTransformer(nn.Module):
             proj_drop_rate: Dropout after the attention projection and in the MLP.
             attn_drop_rate: Dropout of the attention weights.
             drop_path_rate: Stochastic depth rate, linearly increasing over the blocks.
+            device: Device the parameters are created on (timm's factory kwarg; 'meta' creates no storage).
+            dtype: dtype of the parameters.
+
+        Settings outside their range raise ValueError at creation, an unsupported global_pool AssertionError
+        as in timm's models.
         """
         super().__init__()
-        if global_pool not in ('', 'avg', 'token'):
-            raise ValueError(f"global_pool must be '', 'avg' or 'token', got {global_pool!r}.")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f'depth must be an integer >= 1, got {depth!r}.')
-        if not mlp_ratio > 0:
-            raise ValueError(f'mlp_ratio must be > 0, got {mlp_ratio!r}.')
-        rates = dict(drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
-                     attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
-        for name, rate in rates.items():
-            if not 0 <= rate < 1:
-                raise ValueError(f'{name} must be in [0, 1), got {rate!r}.')
+        dd = {'device': device, 'dtype': dtype}
+        _check_global_pool(global_pool)
+        _check_settings(
+            num_classes=num_classes, embed_dim=embed_dim, depth=depth, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
+            pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -82,14 +108,14 @@ class SmallDataVisionTransformer(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = ShiftedPatchTokenization(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **dd)
         num_patches = self.patch_embed.num_patches
         reduction = self.patch_embed.feat_ratio()
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.empty(1, num_patches + self.num_prefix_tokens, embed_dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, as timm's; no tensor needed
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             Block(
                 dim=embed_dim,
@@ -98,17 +124,24 @@ class SmallDataVisionTransformer(nn.Module):
                 proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate,
                 drop_path=dpr[i],
+                **dd,
             )
             for i in range(depth)])
         self.feature_info = [
             dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
+        self.init_weights(needs_reset=False)
+
+    def init_weights(self, needs_reset: bool = True) -> None:
+        """ Initialise every weight as at creation, e.g. after `model.to_empty(device=...)` of a model created
+        on the meta device. `needs_reset=False` leaves the norm layers as they are (creation has set them).
+        """
         trunc_normal_(self.pos_embed, std=.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        self.apply(init_weights_vit)
+        named_apply(partial(init_weights_vit, needs_reset=needs_reset), self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -130,12 +163,14 @@ class SmallDataVisionTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
+        """ A new head for `num_classes` (0: none), on the model's device and dtype and in its mode. """
         if global_pool is not None:
-            if global_pool not in ('', 'avg', 'token'):
-                raise ValueError(f"global_pool must be '', 'avg' or 'token', got {global_pool!r}.")
+            _check_global_pool(global_pool)
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """ Images -> tokens (class token + patches) with position embedding. """
@@ -143,20 +178,16 @@ class SmallDataVisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """ One block, checkpointed when gradient checkpointing is on and grads are recorded. """
-        return checkpoint(blk, x) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x)
-
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """ Tokens through all blocks. The reversible models override this. """
-        for blk in self.blocks:
-            x = self._run_block(blk, x)
-        return x
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
 
     def block_outputs(self, x: torch.Tensor, num_blocks: int) -> Iterator[torch.Tensor]:
         """ Tokens -> the token features after each of the first `num_blocks` blocks (ordinary autograd). """
         for blk in self.blocks[:num_blocks]:
-            x = self._run_block(blk, x)
+            x = checkpoint(blk, x) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x)
             yield x
 
     def forward_intermediates(
