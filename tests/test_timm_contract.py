@@ -21,7 +21,7 @@ from timm.models._manipulate import group_parameters
 from timm_reversible.profiling import activation_memory_per_image, count_flops, count_params
 
 from conftest import SMALL, images, package_models
-from timm_suite_plugin import META_ENGINE, QUANTIZED, REVERSIBLE, SCRIPTED_ENGINE, TRACED_ENGINE, TRACED_PARAM_DTYPE
+from timm_suite_plugin import FX_FEATURES, REVERSIBLE, SCRIPTED_ENGINE
 
 MODELS = package_models()
 
@@ -288,11 +288,7 @@ def test_torchscript_matches_eager_and_checks_its_input(name):
             scripted(images(in_chans=1))
 
 
-TRACE_CAUSES = {'revvit_small_cifar': TRACED_ENGINE, **{m: TRACED_PARAM_DTYPE for m in QUANTIZED}}
-TRACE_ERRORS = (RuntimeError, torch.fx.proxy.TraceError)
-
-
-@pytest.mark.parametrize('name', _with_xfails(TRACE_CAUSES, raises=TRACE_ERRORS))
+@pytest.mark.parametrize('name', MODELS)
 def test_fx_trace_matches_eager_and_checks_its_input(name):
     """ Plain `torch.fx.symbolic_trace`; the input check is a leaf, so the traced model runs it on real input. """
     model = timm.create_model(name, **SMALL).eval()
@@ -303,7 +299,8 @@ def test_fx_trace_matches_eager_and_checks_its_input(name):
             traced(images(in_chans=1))
 
 
-@pytest.mark.parametrize('name', _with_xfails(TRACE_CAUSES, raises=TRACE_ERRORS))
+@pytest.mark.parametrize('name', _with_xfails(
+    {m: FX_FEATURES for m in REVERSIBLE}, raises=(AssertionError, RuntimeError, torch.fx.proxy.TraceError)))
 def test_features_only_fx_equals_forward_intermediates(name):
     torch.manual_seed(0)
     features_model = timm.create_model(name, features_only=True, feature_cls='fx', out_indices=(0, 1), **SMALL).eval()
@@ -320,10 +317,7 @@ def test_features_only_fx_equals_forward_intermediates(name):
 
 # ---- the checks timm's test_models.py picks by model name or module (see test_timm_suite.py) ----
 
-ENGINE_IN_EVAL = ('revvit_small_cifar', 'momentum_revvit_small')  # eval with grad enabled runs their engine
-
-
-@pytest.mark.parametrize('name', _with_xfails(dict.fromkeys(ENGINE_IN_EVAL, META_ENGINE)))
+@pytest.mark.parametrize('name', MODELS)
 def test_timm_non_std_cfg_checks(name):
     """ timm's test_model_default_cfgs_non_std, which it runs on models whose names match its NON_STD_FILTERS,
     on the meta device as timm runs it. """

@@ -37,23 +37,13 @@ NAME_SORTED_TESTS = {
 SCRIPTED_ENGINE = (
     'reversible_vit.py: forward_blocks is @torch.jit.ignore, so TorchScript calls it in Python on the '
     'RecursiveScriptModule, which has no uses_reversible_backward / make_steps')
-TRACED_PARAM_DTYPE = (
-    'reversible_vit.py: param_dtype reads self.pos_embed.dtype, an fx Proxy while tracing, and '
-    'reversible/grid.py stream_dtype branches on it')
-TRACED_ENGINE = (
-    'the reversible engine runs under fx tracing (not an fx leaf): reversible/engine.py _AutocastState asks '
-    'torch.is_autocast_enabled about a Proxy device type')
-META_ENGINE = (
-    'reversible/engine.py _AutocastState asks torch.is_autocast_enabled about the meta device, which has no '
-    'autocast (a grad-enabled forward of revvit / momentum runs the engine even in eval)')
+FX_FEATURES = (
+    'timm\'s fx feature extraction takes a block\'s output from the node of its module call (blocks.N); the '
+    'reversible models run a block as a step of their coupling, calling its residual functions, so no such '
+    'node holds the block\'s output')
 REVERSIBLE = ('revvit_small_cifar', 'bdia_vit_small_cifar', 'momentum_revvit_small')
-QUANTIZED = ('bdia_vit_small_cifar', 'momentum_revvit_small')
 KNOWN_FAILURES: Dict[Tuple[str, str], str] = {
     **{('test_model_forward_torchscript', name): SCRIPTED_ENGINE for name in REVERSIBLE},
-    **{(test, name): TRACED_PARAM_DTYPE for name in QUANTIZED for test in (
-        'test_model_forward_fx', 'test_model_backward_fx', 'test_model_forward_fx_torchscript')},
-    ('test_model_backward_fx', 'revvit_small_cifar'): TRACED_ENGINE,
-    ('test_model_forward_fx_torchscript', 'revvit_small_cifar'): TRACED_ENGINE,
 }
 
 

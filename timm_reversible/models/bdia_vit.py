@@ -59,7 +59,8 @@ class BDIAVisionTransformer(QuantizedReversibleVisionTransformer):
         return x0, x0
 
     def make_steps(self, blocks: Sequence[nn.Module]) -> List[ReversibleStep]:
-        common = dict(level=self.quant_level, guard=self.range_guard, dtype=self.param_dtype, split=self.split_backward)
+        common = dict(level=self.quant_level, guard=self.range_guard, dtype=self.param_dtype, split=self.split_backward,
+                      stream_dtype=self.stream_dtype)
         return [
             BDIAFirstStep(block, index=i, **common) if i == 0 else
             BDIACoupling(block, index=i, gamma=self.bdia_gamma, training=self.training, **common)

@@ -57,7 +57,7 @@ class MomentumVisionTransformer(QuantizedReversibleVisionTransformer):
         return [
             MomentumCoupling(
                 block, index=i, level=self.quant_level, guard=self.range_guard, momentum=self.momentum,
-                dtype=self.param_dtype, split=self.split_backward)
+                dtype=self.param_dtype, split=self.split_backward, stream_dtype=self.stream_dtype)
             for i, block in enumerate(blocks)]
 
     def state_features(self, state: State) -> torch.Tensor:

@@ -45,7 +45,8 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
     @property
     def param_dtype(self) -> torch.dtype:
         """ The dtype of the model's weights (the blocks run in it, or under autocast). """
-        return self.pos_embed.dtype
+        # a parameter from parameters(), not an attribute: fx tracing turns attributes into proxies
+        return next(self.parameters()).dtype
 
     def initial_state(self, x: torch.Tensor) -> State:
         raise NotImplementedError
@@ -57,8 +58,14 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
         raise NotImplementedError
 
     def uses_reversible_backward(self) -> bool:
-        """ Eval and no-grad forwards take the plain path: nothing would be stored anyway. """
-        return self.reversible and torch.is_grad_enabled()
+        """ No-grad forwards take the plain path: nothing would be stored anyway; so does fx tracing, which
+        records the function the steps compute, not the engine that runs them.
+        """
+        return self.reversible and torch.is_grad_enabled() and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+    def _checks_ranges(self) -> bool:
+        """ A training forward with grad has its activations checked; fx tracing records no values to check. """
+        return self.training and torch.is_grad_enabled() and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
     def watch_steps(self, watch: bool) -> None:
         """ Hook called before the steps run; `watch` says whether their outputs are to be checked. """
@@ -70,7 +77,7 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_reversible_backward():
             return self._forward_reversible(x)
-        self.watch_steps(self.training and torch.is_grad_enabled())
+        self.watch_steps(self._checks_ranges())
         state = self.initial_state(x)
         for step in self.make_steps(self.blocks):
             state = self._run_plain_step(step, state)
@@ -88,7 +95,7 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
         return self.state_features(state)
 
     def block_outputs(self, x: torch.Tensor, num_blocks: int) -> Iterator[torch.Tensor]:
-        self.watch_steps(self.training and torch.is_grad_enabled())
+        self.watch_steps(self._checks_ranges())
         state = self.initial_state(x)
         for step in self.make_steps(self.blocks[:num_blocks]):
             state = self._run_plain_step(step, state)
@@ -157,6 +164,10 @@ class QuantizedReversibleVisionTransformer(ReversibleVisionTransformer):
     def quantized_stream(self, x: torch.Tensor) -> torch.Tensor:
         """ Token embedding -> the quantized residual stream. """
         return quantize(x.to(self.stream_dtype), self.quant_level)
+
+    def _checks_ranges(self) -> bool:
+        """ A training forward with grad has its activations checked; fx tracing records no values to check. """
+        return self.training and torch.is_grad_enabled() and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
     def watch_steps(self, watch: bool) -> None:
         self.range_guard.start(watch)

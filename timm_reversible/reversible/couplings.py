@@ -134,9 +134,11 @@ class QuantizedStep(ResidualStep):
     """ A residual step whose stream lives on the grid 2^-level and reports its magnitude to a range guard. """
 
     def __init__(self, block: nn.Module, index: int, level: int, guard: GridRangeGuard,
-                 dtype: Optional[torch.dtype] = None, split: bool = False):
+                 dtype: Optional[torch.dtype] = None, split: bool = False, stream_dtype: torch.dtype = torch.float32):
         super().__init__(block, index, dtype, split)
         self.level, self.guard = level, guard
+        # known when the step is made, not read off a tensor: fx tracing sees proxies there
+        self.index_dtype = grid_index_dtype(stream_dtype)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return quantize(x, self.level)
@@ -181,8 +183,9 @@ class BDIACoupling(BDIAFirstStep):
     verified_inputs = (0,)  # x_{k-1}, recovered by dividing by gamma; x_k is the next step's x_{k-1}
 
     def __init__(self, block: nn.Module, index: int, level: int, guard: GridRangeGuard, gamma: float,
-                 training: bool, dtype: Optional[torch.dtype] = None, split: bool = False):
-        super().__init__(block, index, level, guard, dtype, split)
+                 training: bool, dtype: Optional[torch.dtype] = None, split: bool = False,
+                 stream_dtype: torch.dtype = torch.float32):
+        super().__init__(block, index, level, guard, dtype, split, stream_dtype)
         self.gamma = gamma
         self.training = training
         self.side_bits = bdia_side_bits(gamma)
@@ -198,7 +201,7 @@ class BDIACoupling(BDIAFirstStep):
     def _grid_offsets(self, x_prev: torch.Tensor) -> torch.Tensor:
         """ s: the grid steps (an integer tensor) that make x_prev's index a multiple of 1 / gamma. """
         with record_function('reversible.side_info'):
-            index = (x_prev * 2 ** self.level).round_().to(grid_index_dtype(x_prev))
+            index = (x_prev * 2 ** self.level).round_().to(self.index_dtype)
             return index.neg_().bitwise_and_(2 ** self.side_bits - 1)  # (-index) mod 2^side_bits
 
     def _load_offsets(self, tape: Tape, like: torch.Tensor) -> torch.Tensor:
@@ -259,8 +262,8 @@ class MomentumCoupling(QuantizedStep):
     verified_inputs = (1,)  # v_k goes through the recomputation; x_k = x_{k+1} - v_{k+1} is exact arithmetic
 
     def __init__(self, block: nn.Module, index: int, level: int, guard: GridRangeGuard, momentum: float,
-                 dtype: Optional[torch.dtype] = None, split: bool = False):
-        super().__init__(block, index, level, guard, dtype, split)
+                 dtype: Optional[torch.dtype] = None, split: bool = False, stream_dtype: torch.dtype = torch.float32):
+        super().__init__(block, index, level, guard, dtype, split, stream_dtype)
         self.gamma = momentum
         self.numerator, self.bits = momentum_as_fraction(momentum)
         self.scaled_h = self.residual(1 - momentum)
@@ -268,15 +271,14 @@ class MomentumCoupling(QuantizedStep):
     def _decay(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ gamma v rounded down to the grid, and the low bits the rounding dropped. """
         with record_function('reversible.side_info'):
-            product = (v * 2 ** self.level).round_().to(grid_index_dtype(v)).mul_(self.numerator)
+            product = (v * 2 ** self.level).round_().to(self.index_dtype).mul_(self.numerator)
             decayed = (product >> self.bits).to(v.dtype).div_(2 ** self.level)
             return decayed, product.bitwise_and_(2 ** self.bits - 1)
 
     def _undecay(self, decayed: torch.Tensor, tape: Tape) -> torch.Tensor:
         with record_function('reversible.side_info'):
-            index_dtype = grid_index_dtype(decayed)
-            dropped = unpack_bits(tape.load('dropped'), decayed.shape, self.bits).to(index_dtype)
-            product = ((decayed * 2 ** self.level).round_().to(index_dtype) << self.bits).add_(dropped)
+            dropped = unpack_bits(tape.load('dropped'), decayed.shape, self.bits).to(self.index_dtype)
+            product = ((decayed * 2 ** self.level).round_().to(self.index_dtype) << self.bits).add_(dropped)
             return product.div_(self.numerator, rounding_mode='floor').to(decayed.dtype).div_(2 ** self.level)
 
     def _velocity_input(self, x: torch.Tensor, tape: Tape) -> torch.Tensor:

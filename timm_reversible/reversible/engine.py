@@ -69,7 +69,8 @@ class _KernelSettings:
     """
 
     def __init__(self, device_type: str):
-        self.device_types = {device_type, 'cpu'}
+        # devices without autocast (meta) have nothing to re-enter
+        self.device_types = {d for d in (device_type, 'cpu') if torch.amp.is_autocast_available(d)}
         self.autocast = {
             d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in self.device_types}
         self.cache_enabled = torch.is_autocast_cache_enabled()

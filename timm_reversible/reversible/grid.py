@@ -28,8 +28,8 @@ class _StraightThrough(torch.autograd.Function):
 
 def straight_through(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], slope: float = 1.) -> torch.Tensor:
     """ `fn(x)` whose gradient is taken to be `slope` (a straight-through estimator, e.g. for rounding). """
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return fn(x)  # nothing to backpropagate: also keeps eval forwards traceable
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing() or not (torch.is_grad_enabled() and x.requires_grad):
+        return fn(x)  # nothing to backpropagate (fx records the function, not its gradient): eval stays traceable
     return _StraightThrough.apply(x, fn, slope)
 
 
@@ -39,9 +39,9 @@ def quantize(x: torch.Tensor, level: int) -> torch.Tensor:
     return straight_through(x, lambda t: (t * scale).round_().div_(scale))
 
 
-def grid_index_dtype(stream: torch.Tensor) -> torch.dtype:
+def grid_index_dtype(stream_dtype: torch.dtype) -> torch.dtype:
     """ Integer dtype that holds every grid index of an exact stream (|index| < 2^24, or 2^53 in float64). """
-    return torch.int64 if stream.dtype == torch.float64 else torch.int32
+    return torch.int64 if stream_dtype == torch.float64 else torch.int32
 
 
 def stream_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -119,7 +119,7 @@ class GridRangeGuard:
     def check(self, explain_non_finite: Callable[[], str] = lambda: '') -> None:
         """ Raise for the first block out of range; `explain_non_finite` says what made NaN / inf likely. """
         records, self.records = self.records, []
-        if not records:
+        if not records or records[0][1].device.type == 'meta':  # meta tensors hold no values to check
             return
         with record_function('reversible.side_info'):
             amax = torch.stack([m.double() for _, m in records])
