@@ -3,14 +3,15 @@ straight-through gradient, grid indices, bit packing of side information, and th
 forward whose activations leave the range where the grid is exact.
 """
 import math
+import numbers
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.profiler import record_function
 
 __all__ = [
-    'straight_through', 'quantize', 'grid_index_dtype', 'stream_dtype', 'significand_bits', 'pack_bits',
-    'unpack_bits', 'GridRangeGuard', 'NonFiniteActivationError', 'GridRangeError',
+    'straight_through', 'quantize', 'grid_index_dtype', 'stream_dtype', 'significand_bits', 'check_quant_level',
+    'pack_bits', 'unpack_bits', 'GridRangeGuard', 'NonFiniteActivationError', 'GridRangeError',
 ]
 
 
@@ -54,6 +55,17 @@ def stream_dtype(param_dtype: torch.dtype) -> torch.dtype:
 def significand_bits(dtype: torch.dtype) -> int:
     """ Integers below 2^bits are exact in `dtype`: 24 for float32, 53 for float64. """
     return 1 - int(math.log2(torch.finfo(dtype).eps))
+
+
+def check_quant_level(quant_level: int, dtype: torch.dtype = torch.float32) -> int:
+    """ The grid level l of 2^-l: an integer in [0, significand bits of `dtype`) (24 for float32); anything else
+    is rejected with what is allowed.
+    """
+    max_level = significand_bits(dtype)
+    if isinstance(quant_level, bool) or not isinstance(quant_level, numbers.Integral) \
+            or not 0 <= quant_level < max_level:
+        raise ValueError(f'quant_level must be an integer in [0, {max_level}), got {quant_level!r}.')
+    return int(quant_level)
 
 
 def pack_bits(values: torch.Tensor, num_bits: int = 1) -> torch.Tensor:
