@@ -103,11 +103,15 @@ class GridRangeGuard:
     """ Exactness on the 2^-level grid holds while |x| * 2^level < 2^24 in float32 (2^53 in float64). While
     active, the steps report the largest magnitude of their outputs here; one check after the forward raises a
     clear error instead of letting wrong gradients through. NaN and infinities are reported as such.
+
+    `remedy(max_abs, bits)` may replace the error's generic advice with the model's own, given the largest |x|
+    reached and the significand bits of the stream's dtype.
     """
 
-    def __init__(self, level: int, model_name: str):
+    def __init__(self, level: int, model_name: str, remedy: Optional[Callable[[float, int], str]] = None):
         self.level = level
         self.model_name = model_name
+        self.remedy = remedy
         self.active = False
         self.records: List[Tuple[int, torch.Tensor]] = []
 
@@ -145,9 +149,11 @@ class GridRangeGuard:
             raise NonFiniteActivationError(
                 f'{self.model_name}: block {block} produced {"NaN" if math.isnan(value) else "infinite"} '
                 f'activations. {explain_non_finite()}'.rstrip())
+        bits = significand_bits(records[first][1].dtype)
+        remedy = self.remedy(value, bits) if self.remedy is not None else (
+            f'Lower `quant_level` (e.g. quant_level={max(self.level - 2, 0)}), or lower the learning rate / add '
+            f'gradient clipping if the activations diverged.')
         raise GridRangeError(
             f'{self.model_name}: activations in block {block} reached |x| = {value:.6g}, beyond the range where '
-            f'the quantized stream is exact (|x| * 2^quant_level < 2^{significand_bits(records[first][1].dtype)}, '
-            f'here |x| < {limit:g} with quant_level={self.level}). The reversible backward would give wrong '
-            f'gradients. Lower `quant_level` (e.g. quant_level={max(self.level - 2, 0)}), or lower the learning '
-            f'rate / add gradient clipping if the activations diverged.')
+            f'the quantized stream is exact (|x| * 2^quant_level < 2^{bits}, here |x| < {limit:g} with '
+            f'quant_level={self.level}). The reversible backward would give wrong gradients. {remedy}')
