@@ -23,6 +23,7 @@ from .profiling import (
     activation_memory_fit, count_flops, count_params, default_optimizer, input_bytes_per_image,
     largest_batch_in_budget, make_train_step_fn, peak_training_memory, predicted_peak_training_memory, throughput, time_inference,
     time_train_steps, training_state_bytes)
+from .utils import package_models
 
 __all__ = [
     'BASELINE', 'REFERENCE_STUDY', 'ModelSpec', 'BenchmarkConfig', 'BenchmarkRow', 'parse_model_spec',
@@ -111,13 +112,6 @@ def parse_model_spec(text: str) -> ModelSpec:
     if 'depth' in kwargs:
         raise ValueError(f'{text!r}: depth comes from the depth sweep (--depths), not from the model spec.')
     return ModelSpec(name, kwargs, grad_checkpointing)
-
-
-def package_models() -> List[str]:
-    """ Every model this package registers with timm, read from timm's registry. """
-    return sorted(
-        name for name in timm.list_models()
-        if timm.models.model_entrypoint(name).__module__.startswith('timm_reversible'))
 
 
 def default_model_specs() -> List[ModelSpec]:
