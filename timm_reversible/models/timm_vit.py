@@ -46,17 +46,18 @@ __all__ = [
 ]
 
 REVERSIBLE_METHODS = ('bdia', 'two_stream', 'momentum')
+# The grid 2^-9 is exact while |x| < 2^(24 - 9) = 32768 in float32. Pretrained ViTs carry a few channels of large
+# activations, reported in the hundreds (<= 2^9) for some checkpoints (not measured here: no weights can be
+# downloaded on the development machine); 2^15 leaves a factor 64 above that for fine-tuning to grow them, while
+# the rounding (at most 2^-10 per element and block) stays far below the LayerNorm-scaled signal. A checkpoint
+# beyond it stops the first training step with the level to use (`_quant_level_remedy`).
+DEFAULT_QUANT_LEVEL = 9
 # The options each method takes, with their defaults; any other option is rejected.
 _METHOD_OPTIONS: Dict[str, Dict[str, Any]] = {
-    'bdia': dict(quant_level=None, bdia_gamma=0.5, split_backward=False, verify_reconstruction=True),
+    'bdia': dict(quant_level=DEFAULT_QUANT_LEVEL, bdia_gamma=0.5, split_backward=False, verify_reconstruction=True),
     'two_stream': {},
-    'momentum': dict(quant_level=None, momentum=0.875, split_backward=False, verify_reconstruction=True),
+    'momentum': dict(quant_level=DEFAULT_QUANT_LEVEL, momentum=0.875, split_backward=False, verify_reconstruction=True),
 }
-# The grid 2^-9 is exact while |x| < 2^(24 - 9) = 32768 in float32. Pretrained ViTs carry a few channels of large
-# activations, of the order of a few hundred (<= 2^9) in published checkpoints (not measured here: no weights
-# can be downloaded on the development machine); 2^15 leaves a factor 64 above that for fine-tuning to grow them,
-# while the rounding (at most 2^-10 per element and block) stays far below the LayerNorm-scaled signal.
-DEFAULT_QUANT_LEVEL = 9
 
 
 class TimmBlockResiduals:
@@ -95,6 +96,8 @@ def largest_exact_quant_level(max_abs: float, significand_bits: int = 24, headro
     """ The largest grid level l that keeps activations up to `headroom` * `max_abs` exact: `headroom` * |x| *
     2^l < 2^significand_bits (24 for float32), i.e. l = ceil(bits - log2(headroom |x|)) - 1; -1 if none does.
     """
+    if not 0 < max_abs < math.inf:
+        raise ValueError(f'max_abs must be a positive finite magnitude, got {max_abs!r}.')
     return max(math.ceil(significand_bits - math.log2(headroom * max_abs)) - 1, -1)
 
 
@@ -134,7 +137,7 @@ def _reversible_settings(method: str, reversible: bool, options: Dict[str, Any])
         bdia_side_bits(settings['bdia_gamma'])
     else:
         momentum_as_fraction(settings['momentum'])
-    level = check_quant_level(DEFAULT_QUANT_LEVEL if settings['quant_level'] is None else settings['quant_level'])
+    level = check_quant_level(settings['quant_level'])
     for flag in ('split_backward', 'verify_reconstruction'):
         _check_flag(flag, settings[flag])
     guard = GridRangeGuard(level, f'{ReversibleTimmVisionTransformer.__name__} ({method})', _quant_level_remedy)
