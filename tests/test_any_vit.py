@@ -17,7 +17,6 @@ from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock, ResPostBlock
 
-import timm_reversible
 from timm_reversible import GridRangeError, ReversibleTimmVisionTransformer, make_reversible, reconstruction_error
 from timm_reversible.models import timm_vit
 from timm_reversible.models.timm_vit import DEFAULT_QUANT_LEVEL, largest_exact_quant_level
