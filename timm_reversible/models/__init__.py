@@ -3,3 +3,4 @@ from .reversible_vit import ReversibleVisionTransformer, QuantizedReversibleVisi
 from .revvit import *
 from .bdia_vit import *
 from .momentum_revvit import *
+from .timm_vit import *

@@ -4,7 +4,6 @@ blocks chained as invertible steps that run on the reversible engine.
 A subclass says how the token embedding becomes the initial state (`initial_state`), which step
 each block becomes (`make_steps`), and how a state reads out as token features (`state_features`).
 """
-import numbers
 from typing import Iterator, List, Sequence, Tuple
 
 import torch
@@ -13,7 +12,7 @@ import torch.nn as nn
 from timm.models._manipulate import checkpoint
 
 from ..reversible import (
-    GridRangeGuard, ReversibleStep, State, Tape, quantize, reconstruct, reversible_forward, significand_bits,
+    GridRangeGuard, ReversibleStep, State, Tape, check_quant_level, quantize, reconstruct, reversible_forward,
     stream_dtype)
 from .vit_small_cifar import SmallDataVisionTransformer
 
@@ -149,11 +148,7 @@ class QuantizedReversibleVisionTransformer(ReversibleVisionTransformer):
         """
         super().__init__(*args, **kwargs)
         self.verify_reconstruction = verify_reconstruction
-        max_level = significand_bits(torch.float32)
-        if isinstance(quant_level, bool) or not isinstance(quant_level, numbers.Integral) \
-                or not 0 <= quant_level < max_level:
-            raise ValueError(f'quant_level must be an integer in [0, {max_level}), got {quant_level!r}.')
-        self.quant_level = int(quant_level)
+        self.quant_level = check_quant_level(quant_level)
         self.split_backward = split_backward
         self.range_guard = GridRangeGuard(quant_level, type(self).__name__)
 
@@ -195,7 +190,7 @@ def reconstruction_error(model: nn.Module, x: torch.Tensor) -> float:
     reconstructs from the final state (0.0 for the exactly reversible models). Runs in the model's
     current mode: in train mode with its dropout and random coefficients.
     """
-    if not isinstance(model, ReversibleVisionTransformer):
+    if not hasattr(model, 'reconstruct_block_inputs'):  # also the reversible timm ViTs (models/timm_vit.py)
         raise TypeError(f'{type(model).__name__} has no reversible blocks to reconstruct.')
     inputs, reconstructed = model.reconstruct_block_inputs(x)
     error = 0.

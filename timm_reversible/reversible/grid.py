@@ -3,14 +3,15 @@ straight-through gradient, grid indices, bit packing of side information, and th
 forward whose activations leave the range where the grid is exact.
 """
 import math
+import numbers
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.profiler import record_function
 
 __all__ = [
-    'straight_through', 'quantize', 'grid_index_dtype', 'stream_dtype', 'significand_bits', 'pack_bits',
-    'unpack_bits', 'GridRangeGuard', 'NonFiniteActivationError', 'GridRangeError',
+    'straight_through', 'quantize', 'grid_index_dtype', 'stream_dtype', 'significand_bits', 'check_quant_level',
+    'pack_bits', 'unpack_bits', 'GridRangeGuard', 'NonFiniteActivationError', 'GridRangeError',
 ]
 
 
@@ -56,6 +57,17 @@ def significand_bits(dtype: torch.dtype) -> int:
     return 1 - int(math.log2(torch.finfo(dtype).eps))
 
 
+def check_quant_level(quant_level: int, dtype: torch.dtype = torch.float32) -> int:
+    """ The grid level l of 2^-l: an integer in [0, significand bits of `dtype`) (24 for float32); anything else
+    is rejected with what is allowed.
+    """
+    max_level = significand_bits(dtype)
+    if isinstance(quant_level, bool) or not isinstance(quant_level, numbers.Integral) \
+            or not 0 <= quant_level < max_level:
+        raise ValueError(f'quant_level must be an integer in [0, {max_level}), got {quant_level!r}.')
+    return int(quant_level)
+
+
 def pack_bits(values: torch.Tensor, num_bits: int = 1) -> torch.Tensor:
     """ Pack non-negative integers below 2**num_bits into bytes: num_bits bit-planes, 8 elements per byte. """
     flat = values.reshape(-1).to(torch.uint8)
@@ -91,11 +103,15 @@ class GridRangeGuard:
     """ Exactness on the 2^-level grid holds while |x| * 2^level < 2^24 in float32 (2^53 in float64). While
     active, the steps report the largest magnitude of their outputs here; one check after the forward raises a
     clear error instead of letting wrong gradients through. NaN and infinities are reported as such.
+
+    `remedy(max_abs, bits)` may replace the error's generic advice with the model's own, given the largest |x|
+    reached and the significand bits of the stream's dtype.
     """
 
-    def __init__(self, level: int, model_name: str):
+    def __init__(self, level: int, model_name: str, remedy: Optional[Callable[[float, int], str]] = None):
         self.level = level
         self.model_name = model_name
+        self.remedy = remedy
         self.active = False
         self.records: List[Tuple[int, torch.Tensor]] = []
 
@@ -133,9 +149,11 @@ class GridRangeGuard:
             raise NonFiniteActivationError(
                 f'{self.model_name}: block {block} produced {"NaN" if math.isnan(value) else "infinite"} '
                 f'activations. {explain_non_finite()}'.rstrip())
+        bits = significand_bits(records[first][1].dtype)
+        remedy = self.remedy(value, bits) if self.remedy is not None else (
+            f'Lower `quant_level` (e.g. quant_level={max(self.level - 2, 0)}), or lower the learning rate / add '
+            f'gradient clipping if the activations diverged.')
         raise GridRangeError(
             f'{self.model_name}: activations in block {block} reached |x| = {value:.6g}, beyond the range where '
-            f'the quantized stream is exact (|x| * 2^quant_level < 2^{significand_bits(records[first][1].dtype)}, '
-            f'here |x| < {limit:g} with quant_level={self.level}). The reversible backward would give wrong '
-            f'gradients. Lower `quant_level` (e.g. quant_level={max(self.level - 2, 0)}), or lower the learning '
-            f'rate / add gradient clipping if the activations diverged.')
+            f'the quantized stream is exact (|x| * 2^quant_level < 2^{bits}, here |x| < {limit:g} with '
+            f'quant_level={self.level}). The reversible backward would give wrong gradients. {remedy}')
