@@ -356,6 +356,57 @@ def test_features_only(method):
     assert len(model.model.blocks) == 3
 
 
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated', 'ignore:`torch.jit.save` is deprecated',
+                            'ignore:`torch.jit.load` is deprecated')
+@pytest.mark.parametrize('layout', [l for l in LAYOUTS if l != 'dynamic_img_size'])  # timm's ViT does not script it
+@pytest.mark.parametrize('method', METHODS)
+def test_torchscript_is_the_eager_eval_function_bit_for_bit(method, layout, tmp_path):
+    model = _converted(method, LAYOUTS[layout]).eval()
+    scripted = torch.jit.script(model)
+    torch.jit.save(scripted, tmp_path / 'model.pt')
+    x = images(2)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.load(tmp_path / 'model.pt')(x), model(x))
+    scripted.train()
+    with pytest.raises(torch.jit.Error, match='runs at evaluation only'):
+        scripted(x)
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')
+@pytest.mark.parametrize('method, options', [
+    ('bdia', dict(quant_level=0)), ('bdia', dict(quant_level=23)), ('momentum', dict(quant_level=0)),
+    ('momentum', dict(quant_level=23)), ('momentum', dict(momentum=0.5)), ('momentum', dict(momentum=127 / 128)),
+    ('momentum', dict(momentum=1 / 128))])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
+def test_torchscript_of_every_setting_and_dtype(method, options, dtype):
+    model = _converted(method, **options).to(dtype).eval()
+    x = images(2).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(model)(x), model(x))
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_fx_trace_and_fx_features_are_the_eager_function(method):
+    model = _converted(method, LAYOUTS['registers']).eval()
+    traced = torch.fx.symbolic_trace(model)
+    torch.manual_seed(0)
+    features_model = timm.create_model(
+        'bdia_vit_base_patch16_224', features_only=True, feature_cls='fx', out_indices=(0, 2), method=method,
+        **dict(TINY, **LAYOUTS['registers']))
+    features_model.load_state_dict({f'graph_module.{k}': v for k, v in model.state_dict().items()
+                                    if not k.startswith(('norm.', 'head.'))})
+    x = images(2)
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
+        expected = model.forward_intermediates(x, indices=(0, 2), output_fmt='NLC', intermediates_only=True)
+        features = features_model.eval()(x)
+    assert len(features) == 2
+    for feature, tokens in zip(features, expected):
+        assert torch.equal(feature[:, model.num_prefix_tokens:], tokens)
+    with pytest.raises(NotImplementedError, match='without attention masks'):  # the traced model checks its mask
+        traced(x, torch.ones(1, 1, 21, 21, dtype=torch.bool))
+
+
 def test_dynamic_img_size_takes_other_input_sizes():
     model = _converted('bdia', LAYOUTS['dynamic_img_size']).train()
     out = model(images(2, size=48))

@@ -21,15 +21,13 @@ from timm.models._manipulate import group_parameters
 from timm_reversible.profiling import activation_memory_per_image, count_flops, count_params
 
 from conftest import SMALL, images, package_models
-from timm_suite_plugin import FX_FEATURES, REVERSIBLE, SCRIPTED_ENGINE
+from timm_suite_plugin import REVERSIBLE
 
 MODELS = package_models()
-
-
-def _with_xfails(causes: dict, raises: tuple = (RuntimeError,)) -> list:
-    """ MODELS, with the models in `causes` ({name: reason}) expected to fail for that reason, raising `raises`. """
-    return [pytest.param(m, marks=pytest.mark.xfail(reason=causes[m], raises=raises, strict=True)) if m in causes
-            else m for m in MODELS]
+# The reversible timm ViTs run the checks timm picks by name or module as well (they match neither), at 32x32
+TIMM_VITS = {'bdia_vit_tiny_patch16_224': dict(img_size=32, patch_size=8),
+             'revvit_small_patch16_224': dict(img_size=32, patch_size=8)}
+NAME_PICKED = MODELS + list(TIMM_VITS)
 
 
 def test_registry_holds_the_package_models():
@@ -278,14 +276,48 @@ def test_unsupported_global_pool_raises_assertion_error(name, pool):
 
 
 @pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')
-@pytest.mark.parametrize('name', _with_xfails({m: SCRIPTED_ENGINE for m in REVERSIBLE}))
-def test_torchscript_matches_eager_and_checks_its_input(name):
+@pytest.mark.parametrize('name', MODELS)
+def test_torchscript_matches_eager_and_checks_its_input(name, tmp_path):
     model = timm.create_model(name, **SMALL).eval()
     scripted = torch.jit.script(model)
+    torch.jit.save(scripted, tmp_path / 'model.pt')  # nothing left in Python: the scripted model saves and loads
+    loaded = torch.jit.load(tmp_path / 'model.pt')
     with torch.no_grad():
         assert torch.equal(scripted(images()), model(images()))
+        assert torch.equal(loaded(images()), model(images()))
         with pytest.raises(torch.jit.Error, match='created with in_chans=3'):
             scripted(images(in_chans=1))
+
+
+# the reversible models' TorchScript path rewrites their evaluation function: every setting it reads, at its ends
+SCRIPTED_SETTINGS = [
+    ('revvit_small_cifar', dict(drop_path_rate=0.5, proj_drop_rate=0.5)),
+    ('bdia_vit_small_cifar', dict(quant_level=0)), ('bdia_vit_small_cifar', dict(quant_level=23)),
+    ('bdia_vit_small_cifar', dict(bdia_gamma=2. ** -8, depth=1)),
+    ('momentum_revvit_small', dict(quant_level=0)), ('momentum_revvit_small', dict(quant_level=23)),
+    ('momentum_revvit_small', dict(momentum=0.5)), ('momentum_revvit_small', dict(momentum=127 / 128)),
+    ('momentum_revvit_small', dict(momentum=1 / 128, depth=1)),
+]
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')
+@pytest.mark.parametrize('name,settings', SCRIPTED_SETTINGS)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
+def test_torchscript_of_every_setting_and_dtype_is_the_eager_function_bit_for_bit(name, settings, dtype):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **dict(SMALL, **settings)).to(dtype).eval()
+    x = images().to(dtype)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(model)(x), model(x))
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')
+@pytest.mark.parametrize('name', REVERSIBLE)
+def test_scripted_reversible_models_refuse_to_train(name):
+    scripted = torch.jit.script(timm.create_model(name, **SMALL).eval())
+    scripted.train()
+    with pytest.raises(torch.jit.Error, match='runs at evaluation only'):
+        scripted(images())
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -299,8 +331,7 @@ def test_fx_trace_matches_eager_and_checks_its_input(name):
             traced(images(in_chans=1))
 
 
-@pytest.mark.parametrize('name', _with_xfails(
-    {m: FX_FEATURES for m in REVERSIBLE}, raises=(AssertionError, RuntimeError, torch.fx.proxy.TraceError)))
+@pytest.mark.parametrize('name', MODELS)
 def test_features_only_fx_equals_forward_intermediates(name):
     torch.manual_seed(0)
     features_model = timm.create_model(name, features_only=True, feature_cls='fx', out_indices=(0, 1), **SMALL).eval()
@@ -317,7 +348,7 @@ def test_features_only_fx_equals_forward_intermediates(name):
 
 # ---- the checks timm's test_models.py picks by model name or module (see test_timm_suite.py) ----
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', NAME_PICKED)
 def test_timm_non_std_cfg_checks(name):
     """ timm's test_model_default_cfgs_non_std, which it runs on models whose names match its NON_STD_FILTERS,
     on the meta device as timm runs it. """
@@ -329,10 +360,11 @@ def test_timm_non_std_cfg_checks(name):
     groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     assert len(set(groups.values())) > 1
     param_names = [n for n, _ in model.named_parameters()]
-    assert all(any(fnmatch.fnmatch(n, pattern) for n in param_names) for pattern in model.no_weight_decay())
+    for pattern in model.no_weight_decay():  # an entry matches a parameter, or names an optional one left out
+        assert any(fnmatch.fnmatch(n, pattern) for n in param_names) or getattr(model, pattern, None) is None, pattern
     cfg, state = model.default_cfg, model.state_dict()
     assert f"{cfg['classifier']}.weight" in state and f"{cfg['first_conv']}.weight" in state
-    assert model.in_chans == cfg['input_size'][0] and model.num_classes == 10
+    assert model.in_chans == cfg['input_size'][0] and model.num_classes == cfg['num_classes']
 
     x = torch.randn(1, *cfg['input_size'], device='meta')
     features = model.forward_features(x)
@@ -352,20 +384,21 @@ def test_timm_non_std_cfg_checks(name):
     assert not any(p.requires_grad for p in frozen.parameters())
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', NAME_PICKED)
 def test_features_only_default(name):
     """ timm's test_model_forward_features (which skips 'vit_*'): the default features_only wrapper. """
-    model = timm.create_model(name, features_only=True, embed_dim=64, depth=3, num_heads=2).eval()
+    model = timm.create_model(
+        name, features_only=True, embed_dim=64, depth=3, num_heads=2, **TIMM_VITS.get(name, {})).eval()
     channels, reductions = model.feature_info.channels(), model.feature_info.reduction()
     assert len(channels) >= 3
     features = model(images())
     assert [f.shape for f in features] == [(2, c, 32 // r, 32 // r) for c, r in zip(channels, reductions)]
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', NAME_PICKED)
 def test_forward_intermediates_with_grad_checkpointing(name):
     """ timm's test_model_forward_intermediates (selected by module): the same with gradient checkpointing. """
-    model = timm.create_model(name, **SMALL).eval()
+    model = timm.create_model(name, **SMALL, **TIMM_VITS.get(name, {})).eval()
     x = images()
     final, intermediates = model.forward_intermediates(x)
     model.set_grad_checkpointing()
@@ -374,11 +407,11 @@ def test_forward_intermediates_with_grad_checkpointing(name):
     assert all(torch.equal(a, b) for a, b in zip(intermediates_checkpointed, intermediates))
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', NAME_PICKED)
 def test_prune_intermediate_layers_contract(name):
     """ timm's test_prune_intermediate_layers_contract (selected by module): pruned and stop-early taps equal
     the full model's, pruning after the last block keeps the output, pruned models train every parameter. """
-    model = timm.create_model(name, embed_dim=64, depth=3, num_heads=2).eval()
+    model = timm.create_model(name, embed_dim=64, depth=3, num_heads=2, **TIMM_VITS.get(name, {})).eval()
     x = images()
     with torch.no_grad():
         expected = model(x)

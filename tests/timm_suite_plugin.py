@@ -1,16 +1,32 @@
 """ pytest plugin that runs timm's own `tests/test_models.py` on this package's models only (loaded with
 `-p timm_suite_plugin` next to `-p timm_reversible` by tests/test_timm_suite.py).
 
-Selection: a test is kept where its `model_name` parameter is one of `package_models()`; timm's tests with
+Selection: a test is kept where its `model_name` parameter is one of `suite_models()`; timm's tests with
 fixed model lists name none of them. Of those kept, some are skipped with the reason, and the failures that
 come from the reversible models' own files are expected (xfail, strict: they flip to a failure once fixed,
 and the entry is then removed here).
 """
 from typing import Dict, List, Optional, Tuple
 
+import os
+
 import pytest
 
-from timm_reversible.utils import package_models
+from timm_reversible.utils import package_models, timm_vit_models
+
+
+def suite_models() -> List[str]:
+    """ The models timm's tests run on. `$TIMM_SUITE_MODELS`: 'all' for every model the package registers, or
+    names separated by commas. By default every model but the base and large reversible timm ViTs: those are
+    the tiny and small ones' class at another width and depth, and would add about 100 s to the suite on 2 cores.
+    """
+    chosen = os.environ.get('TIMM_SUITE_MODELS', '')
+    every = package_models() + timm_vit_models()
+    if chosen == 'all':
+        return every
+    if chosen:
+        return chosen.split(',')
+    return [m for m in every if not any(size in m for size in ('_base_', '_large_'))]
 
 # timm's tests that need the Hugging Face Hub: the package's published weights, or reference inputs and
 # outputs of timm's `test_*` models. The runs are offline (HF_HUB_OFFLINE=1).
@@ -32,19 +48,9 @@ NAME_SORTED_TESTS = {
         'test_timm_contract.py::test_timm_non_std_cfg_checks'),
 }
 
-# Failures caused by the reversible models' files, expected until those are fixed there (the causes are
-# shared with the xfails of test_timm_contract.py).
-SCRIPTED_ENGINE = (
-    'reversible_vit.py: forward_blocks is @torch.jit.ignore, so TorchScript calls it in Python on the '
-    'RecursiveScriptModule, which has no uses_reversible_backward / make_steps')
-FX_FEATURES = (
-    'timm\'s fx feature extraction takes a block\'s output from the node of its module call (blocks.N); the '
-    'reversible models run a block as a step of their coupling, calling its residual functions, so no such '
-    'node holds the block\'s output')
+# Failures caused by the package's own files, expected (xfail, strict) until fixed there: none at present.
+KNOWN_FAILURES: Dict[Tuple[str, str], str] = {}
 REVERSIBLE = ('revvit_small_cifar', 'bdia_vit_small_cifar', 'momentum_revvit_small')
-KNOWN_FAILURES: Dict[Tuple[str, str], str] = {
-    **{('test_model_forward_torchscript', name): SCRIPTED_ENGINE for name in REVERSIBLE},
-}
 
 
 def _model_name(item: pytest.Item) -> Optional[str]:
@@ -59,7 +65,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
-    models = set(package_models())
+    models = set(suite_models())
     selected, deselected = [], []
     for item in items:
         (selected if _model_name(item) in models else deselected).append(item)

@@ -208,6 +208,9 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = Mlp(in_features=dim, hidden_features=mlp_hidden_dim, act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        # the reversible models run a block through its residual functions; under fx tracing they pass the
+        # block's output through this tap, so that feature extraction finds it in the block's scope
+        self.feature_tap = nn.Identity()
 
     def attn_residual(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path1(self.attn(self.norm1(x)))

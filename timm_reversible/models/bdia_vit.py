@@ -27,7 +27,8 @@ from timm.models import generate_default_cfgs, register_model
 
 from .._hub import hub_id
 from ..reversible import BDIACoupling, BDIAFirstStep, ReversibleStep, State, bdia_side_bits
-from .reversible_vit import QuantizedReversibleVisionTransformer
+from .reversible_vit import (
+    QuantizedReversibleVisionTransformer, check_scripted_inference, round_to_grid, scripted_stream_dtype)
 from .vit_small_cifar import _cfg, _create_model
 
 __all__ = ['BDIAVisionTransformer']
@@ -75,6 +76,17 @@ class BDIAVisionTransformer(QuantizedReversibleVisionTransformer):
 
     def state_features(self, state: State) -> torch.Tensor:
         return state[1].to(self.param_dtype)
+
+    def scripted_inference_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        check_scripted_inference(self.training)
+        param_dtype = self.pos_embed.dtype
+        x = round_to_grid(x.to(scripted_stream_dtype(param_dtype)), self.quant_level)
+        for i, block in enumerate(self.blocks):
+            u = x.to(param_dtype)
+            f = block.attn_residual(u)
+            h = (f + block.mlp_residual(u + f)).to(x.dtype)
+            x = x + round_to_grid(h, self.quant_level) if i == 0 else round_to_grid(x + h, self.quant_level)
+        return x.to(param_dtype)
 
 
 default_cfgs = generate_default_cfgs({

@@ -26,7 +26,9 @@ from timm.models import generate_default_cfgs, register_model
 
 from .._hub import hub_id
 from ..reversible import MomentumCoupling, ReversibleStep, State, momentum_as_fraction
-from .reversible_vit import QuantizedReversibleVisionTransformer
+from .reversible_vit import (
+    QuantizedReversibleVisionTransformer, check_scripted_inference, momentum_decay, round_to_grid,
+    scripted_stream_dtype)
 from .vit_small_cifar import _cfg, _create_model
 
 __all__ = ['MomentumVisionTransformer']
@@ -46,7 +48,7 @@ class MomentumVisionTransformer(QuantizedReversibleVisionTransformer):
             *args, **kwargs: As for QuantizedReversibleVisionTransformer (`quant_level`, ...).
         """
         super().__init__(*args, split_backward=split_backward, **kwargs)
-        momentum_as_fraction(momentum)
+        self.momentum_numerator, self.momentum_bits = momentum_as_fraction(momentum)
         self.momentum = momentum
 
     def initial_state(self, x: torch.Tensor) -> State:
@@ -62,6 +64,20 @@ class MomentumVisionTransformer(QuantizedReversibleVisionTransformer):
 
     def state_features(self, state: State) -> torch.Tensor:
         return state[0].to(self.param_dtype)
+
+    def scripted_inference_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        check_scripted_inference(self.training)
+        param_dtype = self.pos_embed.dtype
+        x = round_to_grid(x.to(scripted_stream_dtype(param_dtype)), self.quant_level)
+        v = torch.zeros_like(x)
+        for block in self.blocks:
+            u = x.to(param_dtype)
+            f = block.attn_residual(u)
+            scaled_h = (1. - self.momentum) * (f + block.mlp_residual(u + f)).to(x.dtype)
+            v = momentum_decay(v, self.quant_level, self.momentum_numerator, self.momentum_bits) \
+                + round_to_grid(scaled_h, self.quant_level)
+            x = x + v
+        return x.to(param_dtype)
 
 
 default_cfgs = generate_default_cfgs({

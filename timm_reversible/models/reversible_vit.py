@@ -26,6 +26,7 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
     `set_reversible(False)` runs the same weights, same function, under ordinary autograd.
     """
     verify_reconstruction = False  # the exact models check their reconstruction in the backward
+    __jit_unused_properties__ = ['param_dtype', 'stream_dtype']  # eager only; TorchScript reads a parameter
 
     def __init__(self, *args, reversible: bool = True, **kwargs):
         """
@@ -72,14 +73,28 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
     def check_steps(self, tokens: torch.Tensor) -> None:
         """ Hook called after the steps ran on `tokens` (one device sync per forward where it checks). """
 
-    @torch.jit.ignore
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.scripted_inference_blocks(x)
+        return self._forward_blocks_eager(x)
+
+    def scripted_inference_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """ The eval-mode function of the blocks in code TorchScript compiles (the steps and the engine are
+        Python objects it cannot); the same bits as the steps give at evaluation.
+        """
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def _forward_blocks_eager(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_reversible_backward():
             return self._forward_reversible(x)
         self.watch_steps(self._checks_ranges())
         state = self.initial_state(x)
-        for step in self.make_steps(self.blocks):
+        tracing = torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        for step, block in zip(self.make_steps(self.blocks), self.blocks):
             state = self._run_plain_step(step, state)
+            if tracing:  # fx feature extraction takes the last node in a block's scope as its output
+                block.feature_tap(self.state_features(state))
         self.check_steps(x)
         return self.state_features(state)
 
@@ -115,6 +130,29 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
         inputs, reconstructed = reconstruct(self.make_steps(self.blocks), self.initial_state(tokens))
         self.check_steps(tokens)
         return inputs, reconstructed
+
+
+def check_scripted_inference(training: bool) -> None:
+    """ The TorchScript path computes the evaluation function only: training runs the steps in eager mode. """
+    torch._assert(not training, 'A scripted reversible model runs at evaluation only (model.eval() before '
+                                'torch.jit.script); train in eager mode or under torch.compile.')
+
+
+def round_to_grid(x: torch.Tensor, level: int) -> torch.Tensor:
+    """ Q(x) for the TorchScript inference path: the bits of `quantize`, without its straight-through gradient. """
+    scale = float(2 ** level)
+    return torch.round(x * scale) / scale
+
+
+def scripted_stream_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def momentum_decay(v: torch.Tensor, level: int, numerator: int, bits: int) -> torch.Tensor:
+    """ a v / 2^m rounded down to the grid, as `MomentumCoupling` computes it, for the TorchScript path. """
+    index_dtype = torch.int64 if v.dtype == torch.float64 else torch.int32
+    product = torch.round(v * float(2 ** level)).to(index_dtype) * numerator
+    return torch.bitwise_right_shift(product, bits).to(v.dtype) / float(2 ** level)
 
 
 def _run_step(step: ReversibleStep, *state: torch.Tensor) -> State:

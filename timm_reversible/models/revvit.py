@@ -18,7 +18,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from .._hub import hub_id
 from ..reversible import ReversibleStep, State, TwoStreamCoupling
-from .reversible_vit import ReversibleVisionTransformer
+from .reversible_vit import ReversibleVisionTransformer, check_scripted_inference
 from .vit_small_cifar import _cfg, _create_model
 
 __all__ = ['TwoStreamVisionTransformer']
@@ -35,6 +35,14 @@ class TwoStreamVisionTransformer(ReversibleVisionTransformer):
 
     def state_features(self, state: State) -> torch.Tensor:
         return (state[0] + state[1]) / 2
+
+    def scripted_inference_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        check_scripted_inference(self.training)
+        x1, x2 = x, x
+        for block in self.blocks:
+            x1 = x1 + block.attn_residual(x2)
+            x2 = x2 + block.mlp_residual(x1)
+        return (x1 + x2) / 2
 
 
 default_cfgs = generate_default_cfgs({

@@ -30,6 +30,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers._fx import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -39,6 +40,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, _cfg, check
 from ..reversible import (
     BDIACoupling, BDIAFirstStep, GridRangeGuard, MomentumCoupling, ReversibleStep, State, Tape, TwoStreamCoupling,
     bdia_side_bits, check_quant_level, momentum_as_fraction, quantize, reconstruct, reversible_forward, stream_dtype)
+from .reversible_vit import check_scripted_inference, momentum_decay, round_to_grid, scripted_stream_dtype
 
 __all__ = [
     'REVERSIBLE_METHODS', 'DEFAULT_QUANT_LEVEL', 'TimmBlockResiduals', 'ReversibleTimmVisionTransformer',
@@ -92,6 +94,14 @@ def _check_blocks(blocks: nn.Sequential) -> None:
                 f'compute another function of x, which the couplings would not reproduce.')
 
 
+def _add_feature_taps(blocks: nn.Sequential) -> None:
+    """ The steps call a block's residual functions, never the block: under fx tracing they pass its output
+    through `block.feature_tap`, where fx feature extraction looks for it (no parameters, same state_dict).
+    """
+    for block in blocks:
+        block.feature_tap = nn.Identity()
+
+
 def largest_exact_quant_level(max_abs: float, significand_bits: int = 24, headroom: float = 2.) -> int:
     """ The largest grid level l that keeps activations up to `headroom` * `max_abs` exact: `headroom` * |x| *
     2^l < 2^significand_bits (24 for float32), i.e. l = ceil(bits - log2(headroom |x|)) - 1; -1 if none does.
@@ -131,12 +141,13 @@ def _reversible_settings(method: str, reversible: bool, options: Dict[str, Any])
             f'method={method!r} takes no option {", ".join(unknown)}; its options are: '
             f'{", ".join(allowed) or "none"}.')
     settings = dict(allowed, **options, reversible_method=method, reversible=_check_flag('reversible', reversible))
+    settings.update(momentum_numerator=0, momentum_bits=0)  # momentum = numerator / 2^bits, read by TorchScript
     if method == 'two_stream':
         return dict(settings, quant_level=None, range_guard=None, split_backward=False, verify_reconstruction=False)
     if method == 'bdia':
         bdia_side_bits(settings['bdia_gamma'])
     else:
-        momentum_as_fraction(settings['momentum'])
+        settings['momentum_numerator'], settings['momentum_bits'] = momentum_as_fraction(settings['momentum'])
     level = check_quant_level(settings['quant_level'])
     for flag in ('split_backward', 'verify_reconstruction'):
         _check_flag(flag, settings[flag])
@@ -152,6 +163,8 @@ class ReversibleTimmVisionTransformer(VisionTransformer):
     activations; otherwise, and after `set_reversible(False)`, the same steps run under ordinary autograd
     (checkpointed per block after `set_grad_checkpointing()`). Both compute the same function.
     """
+    __jit_unused_properties__ = ['param_dtype', 'stream_dtype']  # eager only
+    quant_level: Optional[int]  # None for two_stream; the annotation types it for TorchScript
 
     def __init__(
             self,
@@ -186,6 +199,7 @@ class ReversibleTimmVisionTransformer(VisionTransformer):
         settings = _reversible_settings(method, reversible, options)
         super().__init__(*args, **kwargs)
         _check_blocks(self.blocks)
+        _add_feature_taps(self.blocks)
         self.__dict__.update(settings)
 
     @torch.jit.ignore
@@ -230,7 +244,8 @@ class ReversibleTimmVisionTransformer(VisionTransformer):
         """ Forwards without grad take the plain steps (nothing would be stored anyway), and so does BDIA at
         evaluation, where gamma = 0 is not invertible.
         """
-        return self.reversible and torch.is_grad_enabled() and (self.training or self.reversible_method != 'bdia')
+        return self.reversible and torch.is_grad_enabled() and (self.training or self.reversible_method != 'bdia') \
+            and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()  # fx records the steps' function
 
     def _watch_steps(self, watch: bool) -> None:
         if self.range_guard is not None:
@@ -251,13 +266,46 @@ class ReversibleTimmVisionTransformer(VisionTransformer):
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
-    @torch.jit.ignore
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """ Tokens through all blocks as steps, on the reversible engine or under ordinary autograd. """
+        if torch.jit.is_scripting():
+            return self.scripted_inference_blocks(x)
+        return self._forward_blocks_eager(x)
+
+    @torch.jit.unused
+    def _forward_blocks_eager(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_reversible_backward():
             return self._forward_reversible(x)
         *_, features = self.block_outputs(x, len(self.blocks), every_block=False)
         return features
+
+    def scripted_inference_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """ The eval-mode function of the steps in code TorchScript compiles (the steps and the engine are Python
+        objects it cannot): the same bits as the steps give at evaluation.
+        """
+        check_scripted_inference(self.training)
+        if self.reversible_method == 'two_stream':
+            x1, x2 = x, x
+            for block in self.blocks:
+                x1 = x1 + block.drop_path1(block.ls1(block.attn(block.norm1(x2))))
+                x2 = x2 + block.drop_path2(block.ls2(block.mlp(block.norm2(x1))))
+            return (x1 + x2) / 2
+        level = self.quant_level
+        assert level is not None
+        param_dtype = self.patch_embed.proj.weight.dtype
+        x = round_to_grid(x.to(scripted_stream_dtype(param_dtype)), level)
+        v = torch.zeros_like(x)
+        for i, block in enumerate(self.blocks):
+            u = x.to(param_dtype)
+            f = block.drop_path1(block.ls1(block.attn(block.norm1(u))))
+            h = (f + block.drop_path2(block.ls2(block.mlp(block.norm2(u + f))))).to(x.dtype)
+            if self.reversible_method == 'bdia':
+                x = x + round_to_grid(h, level) if i == 0 else round_to_grid(x + h, level)
+            else:
+                v = momentum_decay(v, level, self.momentum_numerator, self.momentum_bits) \
+                    + round_to_grid((1. - self.momentum_numerator / 2 ** self.momentum_bits) * h, level)
+                x = x + v
+        return x.to(param_dtype)
 
     @torch._dynamo.disable
     def _forward_reversible(self, x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +321,8 @@ class ReversibleTimmVisionTransformer(VisionTransformer):
         """ Tokens -> the token features after each of the first `num_blocks` blocks (only after the last one
         without `every_block`), under ordinary autograd, checkpointed per block with gradient checkpointing on.
         """
-        self._watch_steps(self.training and torch.is_grad_enabled())
+        tracing = torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        self._watch_steps(self.training and torch.is_grad_enabled() and not tracing)  # fx has no values to check
         state = self.initial_state(x)
         steps = self.make_steps(list(self.blocks)[:num_blocks])
         for i, step in enumerate(steps):
@@ -281,6 +330,9 @@ class ReversibleTimmVisionTransformer(VisionTransformer):
                 state = checkpoint(_run_step, step, *state)
             else:
                 state = step.forward(state, Tape())
+            if tracing:
+                # fx feature extraction takes the last node in a block's scope as the block's output
+                self.blocks[i].feature_tap(self.state_features(state))
             if every_block or i == len(steps) - 1:
                 yield self.state_features(state)
         self._check_steps()
@@ -353,6 +405,8 @@ def _run_step(step: ReversibleStep, *state: torch.Tensor) -> State:
     return step.forward(state, Tape())
 
 
+@torch.fx.wrap  # a leaf under fx: the traced model checks the mask it is given, not the trace's placeholder
+@register_notrace_function
 def _reject_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
     if attn_mask is not None or is_causal:
         raise NotImplementedError(
@@ -391,6 +445,7 @@ def make_reversible(
             f'{kind.__module__}.{kind.__qualname__}.')
     settings = _reversible_settings(method, reversible, options)
     _check_blocks(model.blocks)
+    _add_feature_taps(model.blocks)
     model.__class__ = ReversibleTimmVisionTransformer
     model.__dict__.update(settings)
     return model
