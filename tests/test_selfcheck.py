@@ -14,7 +14,9 @@ from timm_reversible import selfcheck
 from timm_reversible.layers import Block
 from timm_reversible.reversible import BDIACoupling, TwoStreamCoupling
 from timm_reversible.selfcheck import (
-    FLOAT32_ERROR_MULTIPLE, SIZES, gradient_error_report, main, reversible_models, run_selfcheck)
+    FLOAT32_ERROR_MULTIPLE, SIZES, baseline_of, default_models, gradient_error_report, main, reversible_models,
+    run_selfcheck)
+from timm_reversible.utils import timm_vit_models
 
 from conftest import images, script_env
 
@@ -45,16 +47,21 @@ def test_command_line_small_config_on_cpu(tmp_path):
     assert 'PASSED' in proc.stdout and 'SDPA' in proc.stdout
     report = json.loads(out.read_text())
     assert report['passed'] is True
-    assert report['options'] == dict(device='cpu', amp='none', models=reversible_models(), size='small')
+    assert report['options'] == dict(device='cpu', amp='none', models=default_models(), size='small')
     env = report['environment']
     assert env['torch'] == torch.__version__ and env['deterministic_algorithms'] is False
     assert env['sdpa_choice']['float32']['dropout'].keys() == {'no grad', 'grad'}
-    assert set(report['options']['models']) == {'revvit_small_cifar', 'bdia_vit_small_cifar', 'momentum_revvit_small'}
+    assert set(report['options']['models']) == {
+        'revvit_small_cifar', 'bdia_vit_small_cifar', 'momentum_revvit_small', 'bdia_vit_base_patch16_224',
+        'revvit_base_patch16_224'}
     for model in report['options']['models']:
         lines = _lines(report, model)
         expected = {'gradients fp32', 'caller RNG fp32', 'activation memory depth 6', 'activation memory depth 24',
                     'train step time'}
-        if model != 'revvit_small_cifar':
+        # each against its own plain model: vit_small_cifar, or timm's ViT of the same size
+        baseline = 'vit_base_patch16_224' if model.endswith('patch16_224') else 'vit_small_cifar'
+        assert baseline in lines['activation memory depth 6']['detail'] and baseline in lines['train step time']['detail']
+        if not model.startswith('revvit_'):
             expected |= {'reconstruction fp32, inverse', 'reconstruction fp32, backward'}
             assert lines['reconstruction fp32, inverse']['values']['error'] == 0.0
         assert set(lines) == expected
@@ -196,6 +203,16 @@ def test_fp16_grad_scaler_lines():
     assert {'GradScaler fp16 scaled step', 'GradScaler fp16 skips inf', 'gradients fp16',
             'reconstruction fp16, backward'} <= set(status)
     assert set(status.values()) == {'pass'}
+
+
+def test_every_reversible_timm_vit_can_be_checked_against_its_plain_vit():
+    assert set(timm_vit_models()) <= set(reversible_models())
+    assert [baseline_of(n) for n in ('bdia_vit_large_patch16_384', 'revvit_small_patch16_224', 'momentum_revvit_small')] \
+        == ['vit_large_patch16_384', 'vit_small_patch16_224', 'vit_small_cifar']
+    report = run_selfcheck('cpu', models=['bdia_vit_tiny_patch16_384'], size='small')
+    assert report.passed and {r.check for r in report.results} >= {
+        'gradients fp32', 'reconstruction fp32, inverse', 'reconstruction fp32, backward', 'activation memory depth 24'}
+    assert 'vit_tiny_patch16_384' in next(r.detail for r in report.results if r.check == 'activation memory depth 6')
 
 
 def test_bad_options(capsys):

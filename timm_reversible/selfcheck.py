@@ -40,15 +40,17 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .models import QuantizedReversibleVisionTransformer, ReversibleVisionTransformer, reconstruction_error
+from .models import (
+    QuantizedReversibleVisionTransformer, ReversibleVisionTransformer, SmallDataVisionTransformer, reconstruction_error)
 from .profiling import activation_memory_per_image, time_train_steps
-from .utils import MiB, model_input_size, package_models
+from .utils import MiB, model_input_size, package_models, timm_vit_models
 
 __all__ = [
     'FLOAT64_TOLERANCE', 'FLOAT32_ERROR_MULTIPLE', 'REFERENCE_RANDOMNESS_TOLERANCE', 'STEP_SEED',
     'MAX_CUDA_TIME_RATIO', 'SIZES', 'AMP_DTYPES', 'StepResult', 'GradientErrors', 'relative_error',
     'seeded_training_step', 'gradient_error_report', 'CheckResult', 'SelfCheckReport', 'format_result',
-    'format_environment', 'reversible_models', 'environment_info', 'run_selfcheck', 'main',
+    'format_environment', 'reversible_models', 'default_models', 'baseline_of', 'sizes_of', 'TIMM_VIT_SIZES',
+    'environment_info', 'run_selfcheck', 'main',
 ]
 
 # float64 runs compare the two backward passes directly: both are exact up to float64 rounding.
@@ -87,6 +89,29 @@ SIZES: Dict[str, _Size] = {
     'small': _Size(dict(embed_dim=64, depth=3, num_heads=2), batch_size=4),
     'full': _Size({}, batch_size=8),  # the registered models as they are: dim 512, depth 6, 8 heads
 }
+# The reversible forms of timm's ViT (bdia_vit_base_patch16_224, ...): small at 32x32; full as registered (224)
+TIMM_VIT_SIZES: Dict[str, _Size] = {
+    'small': _Size(dict(embed_dim=64, depth=3, num_heads=2, img_size=32, patch_size=8), batch_size=4),
+    'full': _Size({}, batch_size=4),
+}
+# What the self-check runs on the timm ViT family by default: the fine-tuning model, and the two-stream one
+DEFAULT_TIMM_VITS = ('bdia_vit_base_patch16_224', 'revvit_base_patch16_224')
+
+
+def _is_timm_vit(name: str) -> bool:
+    """ A reversible timm ViT, or the plain timm ViT it is measured against. """
+    return name not in package_models()
+
+
+def sizes_of(name: str) -> Dict[str, _Size]:
+    return TIMM_VIT_SIZES if _is_timm_vit(name) else SIZES
+
+
+def baseline_of(name: str) -> str:
+    """ The plain model a reversible one is measured against: vit_small_cifar, or timm's own ViT of the same
+    size (bdia_vit_base_patch16_224 and revvit_base_patch16_224 -> vit_base_patch16_224).
+    """
+    return 'vit_' + name.split('vit_', 1)[1] if _is_timm_vit(name) else BASELINE
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -438,7 +463,7 @@ class SelfCheckReport:
                 f'({self.seconds:.0f} s)')
 
 
-_COLUMNS = (('model', 22), ('size', 5), ('check', 34), ('result', 6))
+_COLUMNS = (('model', 25), ('size', 5), ('check', 34), ('result', 6))
 _TABLE_HEADER = '  '.join(name.ljust(width) for name, width in _COLUMNS) + '  detail'
 
 
@@ -538,10 +563,27 @@ def environment_info(device: torch.device, autocast_dtype: Optional[torch.dtype]
 
 
 def reversible_models() -> List[str]:
-    """ Every registered model of this package that has a reversible backward. """
+    """ Every registered model of this package that has a reversible backward: the small-data ones and the
+    reversible timm ViTs.
+    """
     return [
         name for name in package_models()
-        if isinstance(timm.create_model(name, **SIZES['small'].kwargs), ReversibleVisionTransformer)]
+        if isinstance(timm.create_model(name, **SIZES['small'].kwargs), ReversibleVisionTransformer)
+    ] + timm_vit_models()
+
+
+def default_models() -> List[str]:
+    """ The small-data reversible models, and the base timm ViT's BDIA and two-stream forms. """
+    return [n for n in reversible_models() if not _is_timm_vit(n)] + list(DEFAULT_TIMM_VITS)
+
+
+def _batch_size(model: nn.Module, size: str) -> int:
+    return (SIZES if isinstance(model, SmallDataVisionTransformer) else TIMM_VIT_SIZES)[size].batch_size
+
+
+def _is_exact(model: nn.Module) -> bool:
+    """ The quantized models (BDIA, momentum), whose reconstruction is bit for bit. """
+    return isinstance(model, QuantizedReversibleVisionTransformer) or getattr(model, 'quant_level', None) is not None
 
 
 def _precision_name(dtype: Optional[torch.dtype]) -> str:
@@ -578,7 +620,7 @@ class _Checker:
 
     def create(self, name: str, size: str, **kwargs: Any) -> nn.Module:
         _seed(self.device, 0)  # the same weights on every run (inside the caller's forked random streams)
-        return timm.create_model(name, **{**SIZES[size].kwargs, **kwargs}).to(self.device).train()
+        return timm.create_model(name, **{**sizes_of(name)[size].kwargs, **kwargs}).to(self.device).train()
 
     # -- exactness: gradients, reconstruction, random streams, GradScaler
 
@@ -589,7 +631,7 @@ class _Checker:
                 self.line(
                     name, size, f'gradients {p}{label}', lambda: self._gradients(name, size, amp, kwargs, kernels))
             model = self.create(name, size, **DROPS)
-            exact = isinstance(model, QuantizedReversibleVisionTransformer)
+            exact = _is_exact(model)
             if exact:
                 self.line(name, size, f'reconstruction {p}, inverse', lambda: self._inverse(model, size, amp))
             steps: List[Any] = []  # the paired steps, or the exception they raised
@@ -614,13 +656,13 @@ class _Checker:
     def _gradients(self, name, size, amp, kwargs, kernels) -> Tuple[str, str, Dict[str, Any]]:
         model = self.create(name, size, **kwargs)
         with sdpa_kernel(kernels) if kernels is not None else contextlib.nullcontext():
-            errors = gradient_error_report(model, _images(SIZES[size].batch_size, model, self.device), amp)
+            errors = gradient_error_report(model, _images(sizes_of(name)[size].batch_size, model, self.device), amp)
         return _judge(errors)
 
     def _inverse(self, model, size, amp) -> Tuple[str, str, Dict[str, Any]]:
         # inputs of realistic scale, so that the grid's low bits are all in use
         with _autocast(self.device, amp):
-            error = reconstruction_error(model, _images(SIZES[size].batch_size, model, self.device, 2.5))
+            error = reconstruction_error(model, _images(_batch_size(model, size), model, self.device, 2.5))
         status = 'pass' if error == 0.0 else 'fail'
         return status, f'largest block-input difference {error:.3g} (must be 0.0)', dict(error=error)
 
@@ -629,7 +671,7 @@ class _Checker:
         (done once, kept in `steps` for the lines that read them; a failure is re-raised for each of them).
         """
         if not steps:
-            x = _images(SIZES[size].batch_size, model, self.device)
+            x = _images(_batch_size(model, size), model, self.device)
             try:
                 with _caller_rng_kept(self.device):
                     # both or neither: a list, not a generator that extend would consume halfway
@@ -657,9 +699,9 @@ class _Checker:
 
     def _scaled_step(self, name, size) -> Tuple[str, str, Dict[str, Any]]:
         model = self.create(name, size, **DROPS)
-        x = _images(SIZES[size].batch_size, model, self.device)
+        x = _images(sizes_of(name)[size].batch_size, model, self.device)
         problems = []
-        if isinstance(model, QuantizedReversibleVisionTransformer):
+        if _is_exact(model):
             with _autocast(self.device, torch.float16):
                 inputs, _ = model.reconstruct_block_inputs(x)
             dtypes = {t.dtype for state in inputs for t in state}
@@ -678,7 +720,7 @@ class _Checker:
         the next step, at the backed-off scale, is taken in both.
         """
         original = self.create(name, size, **DROPS)
-        x = _images(SIZES[size].batch_size, original, self.device)
+        x = _images(sizes_of(name)[size].batch_size, original, self.device)
         paths: Dict[str, Tuple[List[bool], float]] = {}
         for reversible in (False, True):
             model = copy.deepcopy(original)
@@ -713,9 +755,11 @@ class _Checker:
     def memory(self, names: Sequence[str], size: str) -> None:
         """ Activation memory per image as DESIGN.md defines it: float32, whatever autocast is checked (under
         autocast the exact models keep a float32 stream while the plain ViT stores low-precision activations).
+        `names` share one baseline (`baseline_of`).
         """
-        width = {k: v for k, v in SIZES[size].kwargs.items() if k != 'depth'}
-        batch = 128 if self.device.type == 'cuda' else 8
+        baseline = baseline_of(names[0])
+        width = {k: v for k, v in sizes_of(baseline)[size].kwargs.items() if k != 'depth'}
+        batch = (16 if _is_timm_vit(baseline) else 128) if self.device.type == 'cuda' else 8
         for depth in MEMORY_DEPTHS:
             baselines: Dict[str, float] = {}
 
@@ -730,11 +774,11 @@ class _Checker:
 
             def judge(name: str) -> Tuple[str, str, Dict[str, Any]]:
                 if not baselines:
-                    baselines.update(vanilla=measure(BASELINE), checkpointed=measure(BASELINE, True))
+                    baselines.update(vanilla=measure(baseline), checkpointed=measure(baseline, True))
                 mib = measure(name)
                 vanilla, checkpointed = baselines['vanilla'], baselines['checkpointed']
                 status = 'pass' if mib < vanilla and mib < checkpointed else 'fail'
-                detail = (f'{mib:.3f} MiB/img, {BASELINE} {vanilla:.3f}, with block checkpointing '
+                detail = (f'{mib:.3f} MiB/img, {baseline} {vanilla:.3f}, with block checkpointing '
                           f'{checkpointed:.3f} (fp32, batch {batch})')
                 return status, detail, dict(mib_per_image=mib, batch_size=batch, **baselines)
 
@@ -742,20 +786,22 @@ class _Checker:
                 self.line(name, size, f'activation memory depth {depth}', lambda: judge(name))
 
     def speed(self, names: Sequence[str], size: str) -> None:
+        """ Train step time against the baseline that `names` share, all timed in one loop. """
         cuda = self.device.type == 'cuda'
-        batch, repeats, warmup = (128, 10, 3) if cuda else (16, 3, 1)
+        baseline = baseline_of(names[0])
+        batch, repeats, warmup = ((32 if _is_timm_vit(baseline) else 128), 10, 3) if cuda else (16, 3, 1)
         times: Dict[str, List[float]] = {}
 
         def judge(name: str) -> Tuple[str, str, Dict[str, Any]]:
             if not times:
-                models = {n: self.create(n, size) for n in [BASELINE, *names]}
+                models = {n: self.create(n, size) for n in [baseline, *names]}
                 times.update(time_train_steps(models, batch, repeats, warmup, autocast_dtype=self.amp))
-            ratio = statistics.median(times[name]) / statistics.median(times[BASELINE])
+            ratio = statistics.median(times[name]) / statistics.median(times[baseline])
             status = _time_status(ratio, self.device.type)
             limit = f', limit {MAX_CUDA_TIME_RATIO}x' if cuda else ' (CPU: informational)'
-            detail = (f'{ratio:.2f}x {BASELINE} (median of {repeats} steps, batch {batch}, '
+            detail = (f'{ratio:.2f}x {baseline} (median of {repeats} steps, batch {batch}, '
                       f'{_precision_name(self.amp)}){limit}')
-            return status, detail, dict(ratio=ratio, seconds=times[name], baseline_seconds=times[BASELINE])
+            return status, detail, dict(ratio=ratio, seconds=times[name], baseline_seconds=times[baseline])
 
         for name in names:
             self.line(name, size, 'train step time', lambda: judge(name))
@@ -793,7 +839,8 @@ def run_selfcheck(
         device: 'cuda', 'cuda:1', 'cpu', ...
         amp: 'none', 'bf16' or 'fp16': the autocast checked besides float32 (fp16 adds the GradScaler lines);
             the train step is timed under it (activation memory is float32's, as DESIGN.md defines it).
-        models: Reversible models to check (default: every one this package registers).
+        models: Reversible models to check, any of `reversible_models()` (default: `default_models()`, the
+            small-data models and the base timm ViT's BDIA and two-stream forms).
         size: 'small', 'full' or 'both' (default: both on CUDA, small on CPU). Memory and speed are measured
             at the largest of them.
         on_start: Called with the (still empty) report once the options are checked and the environment read.
@@ -811,7 +858,7 @@ def run_selfcheck(
     # every model created here draws its weights from the forked streams, never the caller's
     with _caller_rng_kept(dev):
         available = reversible_models()
-        names = list(models) if models else available
+        names = list(models) if models else default_models()
         unknown = [n for n in names if n not in available]
         if unknown:
             raise ValueError(f'Not a reversible model of this package: {", ".join(unknown)} (choose from '
@@ -827,8 +874,13 @@ def run_selfcheck(
         for s in sizes:
             for name in names:
                 checker.exactness(name, s)
-        checker.memory(names, sizes[-1])
-        checker.speed(names, sizes[-1])
+        by_baseline: Dict[str, List[str]] = {}
+        for name in names:
+            by_baseline.setdefault(baseline_of(name), []).append(name)
+        for group in by_baseline.values():
+            checker.memory(group, sizes[-1])
+        for group in by_baseline.values():
+            checker.speed(group, sizes[-1])
     report.results = checker.results
     report.seconds = time.perf_counter() - start
     return report
@@ -842,7 +894,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda where there is one)')
     parser.add_argument('--amp', default='none', choices=list(AMP_DTYPES),
                         help='autocast to check besides float32; fp16 adds the GradScaler lines (default: none)')
-    parser.add_argument('--models', nargs='+', default=None, help='reversible models (default: all of them)')
+    parser.add_argument('--models', nargs='+', default=None,
+                        help='reversible models (default: the small-data ones, bdia_vit_base_patch16_224 and '
+                             'revvit_base_patch16_224)')
     parser.add_argument('--size', default=None, choices=['small', 'full', 'both'],
                         help='model sizes (default: both on CUDA, small on CPU)')
     parser.add_argument('--json', default='selfcheck.json', help='where to write the JSON report')
