@@ -30,6 +30,7 @@ from timm_reversible.benchmarking import (
     BASELINE, BenchmarkConfig, BenchmarkRow, default_model_specs, find_row, format_number, format_table,
     machine_info, markdown_table, parse_model_spec, profile_tables, run_benchmark, run_profile, write_profile_report,
     write_report)
+from timm_reversible.profiling import keep_freed_host_memory
 
 # Figures published by the reference study (CIFAR-10, measured on its laptop GPU, batch 128). They are shown
 # beside ours for comparison only; nothing here was measured by this package.
@@ -138,6 +139,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int,
                         help="CPU threads for torch (default: torch's choice); 1 gives steadier timings on a CPU "
                              'shared with other jobs')
+    parser.add_argument('--host-allocator', choices=['keep', 'default'], default='keep',
+                        help="CPU: 'keep' (default) makes malloc keep freed memory, as CUDA's caching allocator does, "
+                             "so that timings measure computation; 'default' leaves glibc returning every large "
+                             'buffer to the system, which makes each step page-fault its activations in again')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='kwargs for every model, e.g. embed_dim=32 num_heads=2 for a quick run')
     parser.add_argument('--profile', action='store_true',
@@ -153,6 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    host_allocator = 'keep' if args.host_allocator == 'keep' and keep_freed_host_memory() else 'default'
     specs = [parse_model_spec(s) for s in args.models] if args.models else default_model_specs()
     config = BenchmarkConfig(
         depths=args.depths, device=args.device, batch_size=args.batch_size,
@@ -166,6 +172,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         device=config.device, precision=f'autocast {config.amp}' if config.amp else 'fp32',
         batch_size=config.batch_size, repeats=config.repeats, warmup=config.warmup,
         model_kwargs=config.model_kwargs, depths=list(config.depths), threads=torch.get_num_threads(),
+        host_allocator=host_allocator,
     )
 
     if args.profile:

@@ -1,6 +1,7 @@
 """ The benchmark script end to end on tiny configs, as a user runs it (slow: a fresh interpreter each), and the
 library's model specs and report pieces. """
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,9 @@ def test_script_end_to_end_on_a_tiny_config(tmp_path):
     assert all(r['act_vs_baseline'] == 1 and r['train_step_vs_baseline'] == 1 for r in base)
     assert base[1]['params_m'] > base[0]['params_m']  # the depth sweep reached the models
     assert result['meta']['model_kwargs'] == {'embed_dim': 32, 'num_heads': 2}
+    # glibc keeps freed memory for the timings (Linux runners), and the report says so
+    assert result['meta']['host_allocator'] == ('keep' if platform.libc_ver()[0] == 'glibc' else 'default')
+    assert 'Host allocator:' in (out / 'results.md').read_text()
 
     # the script's targets, evaluated on the rows it measured
     at6 = {r['model']: r for r in rows if r['depth'] == 6}

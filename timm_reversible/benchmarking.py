@@ -421,7 +421,13 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 
 
 def _settings_lines(meta: Mapping[str, Any]) -> List[str]:
-    return [f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ", f"Machine: {meta['machine']}  "]
+    lines = [f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ", f"Machine: {meta['machine']}  "]
+    if not str(meta.get('device', '')).startswith('cuda') and 'host_allocator' in meta:
+        lines.append('Host allocator: ' + (
+            'malloc keeps freed memory (as CUDA\'s caching allocator does): timings measure computation  '
+            if meta['host_allocator'] == 'keep' else
+            'glibc\'s default (large buffers returned on free and page-faulted in again every step)  '))
+    return lines
 
 
 def markdown_report(

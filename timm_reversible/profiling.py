@@ -6,6 +6,8 @@ runs with the warm-up excluded; models compared with each other are timed round-
 a change in machine load hits them all alike.
 """
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import math
 import statistics
@@ -29,7 +31,7 @@ __all__ = [
     'predicted_peak_training_memory', 'peak_training_memory', 'max_batch_size', 'largest_batch_in_budget',
     'default_optimizer', 'make_train_step_fn', 'make_inference_fn', 'alternating_timings',
     'time_train_steps', 'time_inference', 'train_step_time_ratio', 'throughput', 'PROFILE_CATEGORIES',
-    'profile_category', 'StepProfile', 'step_profile_from_events', 'profile_train_steps',
+    'profile_category', 'StepProfile', 'step_profile_from_events', 'profile_train_steps', 'keep_freed_host_memory',
 ]
 
 
@@ -408,6 +410,25 @@ def make_inference_fn(
         with torch.inference_mode(), autocast():
             model(images)
     return forward
+
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_host_memory() -> bool:
+    """ Make glibc's malloc keep freed memory for reuse, as CUDA's caching allocator does, so that CPU timings
+    measure computation. By default glibc serves every large tensor from a fresh mmap and returns it when freed,
+    so each training step page-faults its activation buffers in again: a cost that grows with the activations a
+    step keeps, which penalises the plain model against the reversible ones. Returns False where the C library
+    is not glibc (nothing changed).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def _synchronize(device: Optional[torch.device]) -> None:
