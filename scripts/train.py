@@ -13,12 +13,15 @@ Accelerate's (devices, processes, mixed precision, gradient accumulation, checkp
 wires them together. Mixed precision is Accelerate's: `accelerate launch --mixed_precision bf16`,
 or `ACCELERATE_MIXED_PRECISION=bf16` with torchrun.
 
-Outputs in <output>/<experiment>/: args.yaml, summary.csv (timm's columns), checkpoints/ (a resumable
-training state per epoch, the newest named by checkpoints/latest), the best weights as
-model.safetensors + config.json (timm's `save_for_hf`, loadable with
-`timm.create_model('local-dir:<dir>', pretrained=True)`) and results.json.
+Outputs in <output>/<experiment>/: args.yaml, summary.csv (timm's columns, and per epoch the training
+throughput, time and peak memory), checkpoints/ (a resumable training state per epoch, the newest named by
+checkpoints/latest), the best weights as model.safetensors + config.json (timm's `save_for_hf`, loadable
+with `timm.create_model('local-dir:<dir>', pretrained=True)`) and results.json (what the run reached and
+cost, what scripts/compare.py tabulates). `--log-with tensorboard` (or any Accelerate tracker) logs the
+same figures live.
 """
 import argparse
+import copy
 import json
 import logging
 import math
@@ -33,7 +36,7 @@ import torch
 import torch.nn as nn
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -51,10 +54,11 @@ from timm_reversible.data import (
     DIGITS, TRAIN_CROP_MODES, DatasetNotFoundError, DigitsDataset, create_image_dataset, create_train_transform,
     dataset_num_classes, seed_worker)
 from timm_reversible.training import (
-    CHECKPOINTS, RESULTS_FILE, NonFiniteLossError, ResumeArgsError, TrainingStateError, TrainProgress,
-    check_resume_args, dataset_tag, latest_checkpoint, load_checkpoint, read_args_yaml, restore_outputs,
-    resolve_resume, resume_arg_changes, run_changes_note, run_results, save_best, save_checkpoint, write_atomic,
-    yaml_safe)
+    CHECKPOINTS, RESULTS_FILE, MissingTrackerError, NonFiniteLossError, ResumeArgsError, TrainingStateError,
+    TrainProgress, check_resume_args, check_trackers, dataset_tag, latest_checkpoint, load_checkpoint,
+    memory_source, peak_memory_mib, read_args_yaml, restore_outputs, resolve_resume, resume_arg_changes,
+    run_changes_note, run_results, save_best, save_checkpoint, write_atomic, yaml_safe)
+from timm_reversible.profiling import count_flops, count_params, peak_training_memory
 
 _logger = logging.getLogger('train')
 
@@ -208,6 +212,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        help='path to the output folder (default: ./output/train)')
     group.add_argument('--experiment', default='', type=str, metavar='NAME',
                        help='name of the experiment subfolder (default: <date>-<model>-<img size>)')
+    group.add_argument('--log-with', nargs='+', default=[], metavar='TRACKER',
+                       help="log loss, top-1, lr, throughput and memory live through Accelerate's trackers: "
+                            'tensorboard (pip install "timm-reversible[tensorboard]"), wandb, mlflow, ... or all; '
+                            'their files go to the run folder')
     return parser
 
 
@@ -306,6 +314,8 @@ def train_one_epoch(
     bad_batch = torch.full((), -1, dtype=torch.long, device=accelerator.device)
     bad_loss = torch.zeros((), device=accelerator.device)
     num_batches = len(loader)
+    num_images = 0
+    start = time.perf_counter()
     pbar = tqdm(loader, desc=f'train {epoch + 1}/{num_epochs}', disable=_no_progress_bar(accelerator), leave=False,
                 dynamic_ncols=True)
     for batch_idx, (input, target) in enumerate(pbar):
@@ -328,6 +338,7 @@ def train_one_epoch(
         bad_batch = torch.where(first_bad, batch_idx, bad_batch)
         bad_loss = torch.where(first_bad, loss.float(), bad_loss)
         losses.update(loss, input.size(0))
+        num_images += input.size(0)
         last_batch = batch_idx == num_batches - 1
         if accelerator.sync_gradients:
             progress.num_updates += 1
@@ -342,8 +353,14 @@ def train_one_epoch(
             if not last_batch:
                 _logger.info(f'Train: {epoch + 1}/{num_epochs} [{batch_idx + 1:>4d}/{num_batches}] '
                              f'loss {float(losses.val):.4f} ({float(losses.avg):.4f}) lr {lr:.3e}')
+                if args.log_with:
+                    accelerator.log({'train/loss': float(losses.val), 'train/lr': lr}, step=progress.num_updates)
     train_loss = accelerator.reduce(torch.as_tensor(float(losses.avg), device=accelerator.device), reduction='mean')
-    return OrderedDict(loss=float(train_loss))
+    if accelerator.device.type == 'cuda':
+        torch.cuda.synchronize(accelerator.device)
+    seconds = time.perf_counter() - start
+    images = int(accelerator.reduce(torch.tensor(num_images, device=accelerator.device), reduction='sum'))
+    return OrderedDict(loss=float(train_loss), img_s=images / seconds, time_s=seconds, images=images)
 
 
 @torch.no_grad()
@@ -377,16 +394,18 @@ def _device_name(accelerator: Accelerator) -> str:
     return accelerator.device.type
 
 
-def _peak_memory_mib(accelerator: Accelerator) -> Optional[float]:
-    if accelerator.device.type != 'cuda':
-        return None  # no allocator statistics to report on CPU
-    peak = torch.tensor(torch.cuda.max_memory_allocated(accelerator.device) / 2 ** 20, device=accelerator.device)
-    return float(accelerator.gather(peak).max())
+def _epoch_peak_memory(accelerator: Accelerator) -> Dict[str, Optional[float]]:
+    """ This epoch's peak memory, the largest over the processes (allocated / reserved: CUDA only; rss). """
+    figures = peak_memory_mib(accelerator.device)
+    known = {k: v for k, v in figures.items() if v is not None}
+    peaks = accelerator.gather(torch.tensor(list(known.values()), device=accelerator.device).reshape(1, -1))
+    return dict(figures, **dict(zip(known, peaks.max(dim=0).values.tolist())))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """ Train as the command line says; returns the contents of results.json. """
     args = parse_args(argv)
+    check_trackers(args.log_with)
     has_accelerator = getattr(torch, 'accelerator', None) is not None and torch.accelerator.is_available()
     accelerator = Accelerator(
         # without a GPU, CPU processes started by torchrun train together over gloo
@@ -395,6 +414,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         # the data order is a function of (seed, epoch), so a resumed run sees the batches it would have
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         step_scheduler_with_optimizer=False,
+        log_with=args.log_with or None,
+        # where trackers write is the run folder, known only later (init_trackers below sets it)
+        project_config=ProjectConfiguration(logging_dir=args.output),
     )
     # a no-op where logging is already set up (an embedding program); the level is set either way
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s', datefmt='%H:%M:%S')
@@ -574,12 +596,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                  f'input {tuple(data_config["input_size"])}, {updates_per_epoch} updates per epoch, '
                  f'{num_epochs} epochs, lr {args.lr:.3g}.')
 
-    if accelerator.device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    if args.log_with:
+        # trackers that write files (tensorboard) write them into the run folder: <output>/<experiment>/
+        accelerator.project_configuration.logging_dir = os.path.dirname(exp_dir)
+        # no config: the settings are in args.yaml, and tensorboard would put them in a folder of their own
+        accelerator.init_trackers(os.path.basename(exp_dir))
     try:
         with logging_redirect_tqdm():
             for epoch in range(start_epoch, num_epochs):
                 t0 = time.perf_counter()
+                if accelerator.device.type == 'cuda':
+                    torch.cuda.reset_peak_memory_stats(accelerator.device)
                 loader_train.set_epoch(epoch)
                 train_metrics = train_one_epoch(
                     epoch, num_epochs, model, loader_train, optimizer, train_loss_fn, accelerator, lr_scheduler, progress, args,
@@ -608,13 +635,32 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         best = accelerator.unwrap_model(model) if weights == 'model' else model_ema.module
                         save_best(best, exp_dir, model_args, data_config, pretrained_tag=dataset_tag(args.dataset))
                 lrs = [g['lr'] for g in optimizer.param_groups]
+                memory = _epoch_peak_memory(accelerator)
+                epoch_seconds = time.perf_counter() - t0
+                row = OrderedDict(
+                    loss=train_metrics['loss'], img_s=train_metrics['img_s'], time_s=train_metrics['time_s'],
+                    # CUDA's allocator figures where there are some; the process's peak resident set always
+                    epoch_time_s=epoch_seconds, peak_mem_mib=memory['allocated'], peak_reserved_mib=memory['reserved'],
+                    peak_rss_mib=memory['rss'])
                 if accelerator.is_main_process:
-                    update_summary(epoch, train_metrics, summary_metrics, os.path.join(exp_dir, 'summary.csv'),
-                                   lr=sum(lrs) / len(lrs))
-                peak = _peak_memory_mib(accelerator)
-                if peak is not None:
-                    progress.peak_memory_mib = max(progress.peak_memory_mib or 0., peak)
-                progress.wall_time_s += time.perf_counter() - t0
+                    update_summary(epoch, {k: v for k, v in row.items() if v is not None}, summary_metrics,
+                                   os.path.join(exp_dir, 'summary.csv'), lr=sum(lrs) / len(lrs))
+                if args.log_with:
+                    accelerator.log({
+                        'train/loss': train_metrics['loss'], 'eval/loss': summary_metrics['loss'],
+                        'eval/top1': summary_metrics['top1'], 'eval/top5': summary_metrics['top5'],
+                        'train/lr': sum(lrs) / len(lrs), 'train/img_s': train_metrics['img_s'],
+                        'epoch': epoch + 1, **{f'train/{k}': v for k, v in row.items()
+                                               if k.startswith('peak_') and v is not None},
+                    }, step=progress.num_updates)
+                for key, field in (('allocated', 'peak_memory_mib'), ('reserved', 'peak_memory_reserved_mib'),
+                                   ('rss', 'peak_rss_mib')):
+                    if memory[key] is not None:
+                        setattr(progress, field, max(getattr(progress, field) or 0., memory[key]))
+                progress.train_seconds += train_metrics['time_s']
+                progress.train_images += train_metrics['images']
+                progress.epochs_run += 1
+                progress.wall_time_s += epoch_seconds
                 ema_text = f', ema top1 {ema_metrics["top1"]:.2f}' if model_ema is not None else ''
                 _logger.info(
                     f'Epoch {epoch + 1}/{num_epochs}: train_loss {train_metrics["loss"]:.4f}, '
@@ -632,10 +678,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             f'{str(e).rstrip(".")}: training stopped. {kept} Try a lower --lr, --clip-grad, more --warmup-epochs, or bf16 '
             f'instead of fp16 mixed precision.') from None
 
+    if accelerator.device.type != 'cuda':
+        # no allocator statistics here: the tensor peak of one training step of this model, optimizer and batch
+        replica = copy.deepcopy(accelerator.unwrap_model(model))
+        peak = peak_training_memory(replica, create_optimizer_v2(replica, **optimizer_kwargs(cfg=args)),
+                                    args.batch_size, input_size=data_config['input_size'])
+        progress.peak_memory_mib = peak / 2 ** 20
+        del replica
     results = run_results(
         progress, model=args.model, model_args=model_args, dataset=args.dataset, num_classes=num_classes,
         img_size=img_size, epochs=num_epochs, device=_device_name(accelerator), num_processes=accelerator.num_processes,
-        mixed_precision=str(accelerator.mixed_precision), recipe=recorded_args)
+        mixed_precision=str(accelerator.mixed_precision), recipe=recorded_args,
+        batch_size=args.batch_size,  # per process: what each process's peak memory holds
+        params=count_params(accelerator.unwrap_model(model)),
+        gflops=round(count_flops(accelerator.unwrap_model(model)) / 1e9, 4),
+        memory_source=memory_source(accelerator.device))
     if accelerator.is_main_process:
         write_atomic(os.path.join(exp_dir, RESULTS_FILE), json.dumps(results, indent=2) + '\n')
         _logger.info(f'Done: best top1 {progress.best_top1:.2f} (epoch {progress.best_epoch + 1}, {progress.best_weights} '
@@ -648,7 +705,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def cli() -> int:
     try:
         main()
-    except (NonFiniteLossError, DatasetNotFoundError, FileExistsError, ResumeArgsError, TrainingStateError) as e:
+    except (NonFiniteLossError, DatasetNotFoundError, FileExistsError, ResumeArgsError, TrainingStateError,
+            MissingTrackerError) as e:
         # an expected stop: the message says what to do, a traceback would bury it
         if int(os.environ.get('RANK', '0')) == 0:
             print(f'ERROR: {e}', file=sys.stderr)

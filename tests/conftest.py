@@ -21,6 +21,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import _http
 
 import timm_reversible  # noqa: F401  registers the models
+from timm_reversible.training import MEASURED_SUMMARY_COLUMNS, read_summary
 from timm_reversible.utils import package_models  # noqa: F401  used by the test modules
 
 # Small configs keep the suite fast; the full-size configs appear only where size is what is tested.
@@ -72,6 +73,12 @@ def run_train_script(args: List[str], cwd: Path, returncode: int = 0) -> subproc
                           env=script_env(), cwd=cwd, timeout=600)
     assert proc.returncode == returncode, proc.stdout + proc.stderr
     return proc
+
+
+def trained_summary(run: Path) -> List[Dict[str, str]]:
+    """ A run's summary.csv without the columns that measure the machine (time, throughput, memory). """
+    return [{k: v for k, v in row.items() if k not in MEASURED_SUMMARY_COLUMNS}
+            for row in read_summary(str(run / 'summary.csv'))]
 
 
 class FakeHub:

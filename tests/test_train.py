@@ -18,18 +18,23 @@ import yaml
 from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
-from conftest import SMALL, TRAIN_SCRIPT, package_models, run_train_script as train, script_env
+from conftest import SMALL, TRAIN_SCRIPT, package_models, run_train_script as train, script_env, trained_summary
 from timm_reversible.data import DigitsDataset
+from timm_reversible.profiling import count_params
 from timm_reversible.training import RESULTS_KEYS, resume_arg_changes
 
 pytestmark = pytest.mark.slow  # each test trains models or starts processes
 
 RECIPES = TRAIN_SCRIPT.parents[1] / 'recipes'
 
-SUMMARY_COLUMNS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
+# on CUDA train_peak_mem_mib and train_peak_reserved_mib come before train_peak_rss_mib
+SUMMARY_COLUMNS = ['epoch', 'train_loss', 'train_img_s', 'train_time_s', 'train_epoch_time_s', 'train_peak_rss_mib',
+                   'eval_loss', 'eval_top1', 'eval_top5', 'lr']
 RESULT_KEYS = {
     'model', 'model_args', 'dataset', 'num_classes', 'img_size', 'best_top1', 'best_top5', 'best_epoch', 'epochs',
-    'train_loss', 'wall_time_s', 'peak_memory_mib', 'device', 'num_processes', 'mixed_precision', 'recipe', 'weights'}
+    'train_loss', 'wall_time_s', 'peak_memory_mib', 'device', 'num_processes', 'mixed_precision', 'recipe', 'weights',
+    'batch_size', 'params', 'gflops', 'time_per_epoch_s', 'train_img_s', 'peak_memory_reserved_mib', 'peak_rss_mib',
+    'memory_source'}
 
 # small models on 16x16 digits: a few seconds an epoch on one CPU thread
 DIGITS = ['--dataset', 'digits', '--img-size', '16', '--workers', '0', '--log-interval', '1000',
@@ -112,6 +117,18 @@ def test_digits_run_writes_the_output_contract(model_name: str, tmp_path: Path):
     assert yaml.safe_load((exp / 'args.yaml').read_text()) == results['recipe']
     assert list(rows[0].keys()) == SUMMARY_COLUMNS
     assert [int(r['epoch']) for r in rows] == [0, 1, 2, 3]
+    # the study's figures in results.json are those of the epochs in summary.csv
+    seconds = [float(r['train_time_s']) for r in rows]
+    images = sum(float(r['train_img_s']) * t for r, t in zip(rows, seconds))
+    assert results['train_img_s'] == pytest.approx(images / sum(seconds), rel=1e-3)
+    epoch_seconds = [float(r['train_epoch_time_s']) for r in rows]
+    assert all(e >= t > 0 for e, t in zip(epoch_seconds, seconds))
+    assert results['time_per_epoch_s'] == pytest.approx(sum(epoch_seconds) / 4, abs=2e-3)
+    assert results['peak_rss_mib'] == pytest.approx(max(float(r['train_peak_rss_mib']) for r in rows))
+    assert results['batch_size'] == 32 and results['params'] == count_params(timm.create_model(
+        model_name, **results['model_args'])) and results['gflops'] > 0
+    assert 'MemTracker' in results['memory_source'] and results['peak_memory_reserved_mib'] is None
+    assert 0 < results['peak_memory_mib'] < results['peak_rss_mib']
     assert max(float(r['eval_top1']) for r in rows) == pytest.approx(results['best_top1'])
     assert _latest(exp) == 'epoch-0003'
 
@@ -190,7 +207,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
         x, y = [torch.load(e / state / name, weights_only=False) for e in (a, b)]
         assert _flat(x) == _flat(y), name
     _assert_same_tensors(load_file(a / 'model.safetensors'), load_file(b / 'model.safetensors'))
-    assert _summary(a) == _summary(b)
+    assert trained_summary(a) == trained_summary(b)
     for k in ('best_top1', 'best_top5', 'best_epoch', 'train_loss', 'weights'):
         assert _results(a)[k] == _results(b)[k], k
     assert not resume_arg_changes(_results(a)['recipe'], _results(b)['recipe'])

@@ -43,7 +43,7 @@ import timm
 
 from ._hub import HUB_NAMESPACE_ENV, TAG_DATASETS, hub_namespace
 from .profiling import activation_memory_per_image, count_flops, count_params
-from .training import RESULTS_FILE, RESULTS_KEYS
+from .training import REQUIRED_RESULTS_KEYS, RESULTS_FILE
 from .utils import MiB, model_input_size
 
 __all__ = [
@@ -142,7 +142,7 @@ def load_run(run_dir: Union[str, Path]) -> Run:
     results = _read_json(path / RESULTS_FILE)
     if not isinstance(results, dict):
         raise PublishError(f'{path / "results.json"} holds no results object.')
-    missing = [k for k in RESULTS_KEYS if k not in results]
+    missing = [k for k in REQUIRED_RESULTS_KEYS if k not in results]
     if missing:
         raise PublishError(f'{path / "results.json"} lacks {", ".join(missing)}; it was not written by a finished run.')
     config = _read_json(path / 'config.json')

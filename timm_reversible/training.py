@@ -9,6 +9,7 @@ before it is used, and a damaged one is reported by name and passed over for the
 """
 import csv
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -16,7 +17,12 @@ import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+try:
+    import resource  # not on Windows
+except ImportError:  # pragma: no cover
+    resource = None
 
 import numpy as np
 import torch
@@ -31,7 +37,9 @@ __all__ = [
     'ResumeArgsError', 'TrainProgress', 'write_atomic', 'write_manifest', 'verify_checkpoint', 'latest_checkpoint',
     'save_checkpoint', 'resolve_resume', 'load_checkpoint', 'restore_outputs', 'save_best', 'read_summary',
     'RESUME_FREE_ARGS', 'STATE_RESTORED_ARGS', 'resume_arg_changes', 'check_resume_args', 'yaml_safe',
-    'read_args_yaml', 'run_changes_note', 'dataset_tag', 'RESULTS_FILE', 'RESULTS_KEYS', 'run_results',
+    'read_args_yaml', 'run_changes_note', 'dataset_tag', 'RESULTS_FILE', 'RESULTS_KEYS', 'REQUIRED_RESULTS_KEYS',
+    'run_results', 'MEASURED_SUMMARY_COLUMNS',
+    'TRACKER_EXTRAS', 'MissingTrackerError', 'check_trackers', 'peak_memory_mib', 'memory_source',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -42,10 +50,22 @@ MANIFEST = 'manifest.json'
 BEST_FILES = ('model.safetensors', 'config.json')
 RESULTS_FILE = 'results.json'
 # what results.json holds, the record of a finished run that publishing reads
-RESULTS_KEYS = (
+# what publishing needs (runs made before the study figures were recorded have only these)
+REQUIRED_RESULTS_KEYS = (
     'model', 'model_args', 'dataset', 'num_classes', 'img_size', 'best_top1', 'best_top5', 'best_epoch', 'epochs',
     'train_loss', 'wall_time_s', 'peak_memory_mib', 'device', 'num_processes', 'mixed_precision', 'recipe', 'weights',
 )
+RESULTS_KEYS = REQUIRED_RESULTS_KEYS + (
+    'batch_size', 'params', 'gflops', 'time_per_epoch_s', 'train_img_s', 'peak_memory_reserved_mib', 'peak_rss_mib',
+    'memory_source',
+)
+# summary.csv's columns that measure the machine, not the training: they differ between two runs of the same training
+MEASURED_SUMMARY_COLUMNS = ('train_img_s', 'train_time_s', 'train_epoch_time_s', 'train_peak_mem_mib',
+                            'train_peak_reserved_mib', 'train_peak_rss_mib')
+# Accelerate's trackers that need a package of their own, and the extra that installs it
+TRACKER_EXTRAS = {'tensorboard': 'tensorboard', 'wandb': 'wandb', 'comet_ml': 'comet_ml', 'aim': 'aim',
+                  'mlflow': 'mlflow', 'clearml': 'clearml', 'dvclive': 'dvclive', 'swanlab': 'swanlab',
+                  'trackio': 'trackio'}
 _STATE_PREFIX = 'epoch-'
 
 
@@ -55,6 +75,10 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingStateError(RuntimeError):
     """ A training state cannot be used: damaged, incomplete, or not restorable in this setting. """
+
+
+class MissingTrackerError(ModuleNotFoundError):
+    """ `--log-with` names a tracker whose package is not installed. """
 
 
 class ResumeArgsError(ValueError):
@@ -72,7 +96,12 @@ class TrainProgress:
     best_epoch: Optional[int] = None
     best_weights: Optional[str] = None
     wall_time_s: float = 0.
-    peak_memory_mib: Optional[float] = None
+    peak_memory_mib: Optional[float] = None  # CUDA: max_memory_allocated over the run
+    peak_memory_reserved_mib: Optional[float] = None  # CUDA: max_memory_reserved
+    peak_rss_mib: Optional[float] = None  # the process's peak resident set (CPU runs: the best figure there is)
+    train_seconds: float = 0.  # in train_one_epoch only: what img/s is measured over
+    train_images: int = 0
+    epochs_run: int = 0
 
     def state_dict(self) -> Dict[str, Any]:
         """ For Accelerate's `register_for_checkpointing`. """
@@ -397,7 +426,7 @@ def save_best(
 # flags that may change between a run and its resumption without changing what is trained
 RESUME_FREE_ARGS = frozenset({
     'resume', 'resume_allow_changes', 'experiment', 'output', 'workers', 'log_interval', 'checkpoint_hist',
-    'config', 'validation_batch_size', 'data_dir', 'dataset_download', 'resumed_with_changes'})
+    'config', 'validation_batch_size', 'data_dir', 'dataset_download', 'resumed_with_changes', 'log_with'})
 # flags whose values the training state restores (optimizer hyper-parameters, the LR schedule): a new value on
 # the command line would be recorded but not used, so the recorded value stays
 STATE_RESTORED_ARGS = frozenset({
@@ -479,6 +508,38 @@ def run_changes_note(exp_dir: str, epoch: int, changes: Mapping[str, Tuple[Any, 
     return note
 
 
+def check_trackers(log_with: Sequence[str]) -> None:
+    """ Refuse a tracker whose package is missing before training starts, naming what to install. """
+    for name in log_with:
+        if name == 'all':
+            continue
+        if name not in TRACKER_EXTRAS:
+            raise ValueError(f'--log-with {name}: not a tracker Accelerate supports ({", ".join(TRACKER_EXTRAS)}).')
+        module = 'tensorboard' if name == 'tensorboard' else name
+        if importlib.util.find_spec(module) is None and not (
+                name == 'tensorboard' and importlib.util.find_spec('tensorboardX') is not None):
+            extra = f'pip install "timm-reversible[{name}]"' if name == 'tensorboard' else f'pip install {module}'
+            raise MissingTrackerError(f'--log-with {name} needs the {module} package, which is not installed: {extra}')
+
+
+def peak_memory_mib(device: torch.device) -> Dict[str, Optional[float]]:
+    """ Peak memory in MiB: CUDA's allocated and reserved bytes since `torch.cuda.reset_peak_memory_stats`, and
+    the process's peak resident set since it started (on a CPU, where it also holds the data and the runtime).
+    """
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if resource is not None else None
+    figures: Dict[str, Optional[float]] = dict(
+        allocated=None, reserved=None, rss=rss_kib / 1024 if rss_kib is not None else None)
+    if device.type == 'cuda':
+        figures.update(allocated=torch.cuda.max_memory_allocated(device) / 2 ** 20,
+                       reserved=torch.cuda.max_memory_reserved(device) / 2 ** 20)
+    return figures
+
+
+def memory_source(device: torch.device) -> str:
+    return ('CUDA max_memory_allocated over the run (max_memory_reserved beside it)' if device.type == 'cuda' else
+            "torch's MemTracker: live tensors at the peak of one training step at the run's batch (CPU)")
+
+
 def run_results(
         progress: TrainProgress,
         model: str,
@@ -491,6 +552,10 @@ def run_results(
         num_processes: int,
         mixed_precision: str,
         recipe: Mapping[str, Any],
+        batch_size: int = 0,
+        params: int = 0,
+        gflops: float = 0.,
+        memory_source: str = '',
 ) -> Dict[str, Any]:
     """ The contents of results.json (`RESULTS_KEYS`, in that order): the run's settings and what it reached. """
     return dict(
@@ -511,4 +576,12 @@ def run_results(
         mixed_precision=mixed_precision,
         recipe=dict(recipe),
         weights=progress.best_weights,
+        batch_size=batch_size,
+        params=params,
+        gflops=gflops,
+        time_per_epoch_s=round(progress.wall_time_s / max(progress.epochs_run, 1), 3),
+        train_img_s=round(progress.train_images / progress.train_seconds, 3) if progress.train_seconds else None,
+        peak_memory_reserved_mib=progress.peak_memory_reserved_mib,
+        peak_rss_mib=progress.peak_rss_mib,
+        memory_source=memory_source,
     )
