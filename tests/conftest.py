@@ -24,6 +24,12 @@ import timm_reversible  # noqa: F401  registers the models
 from timm_reversible.training import MEASURED_SUMMARY_COLUMNS, read_summary
 from timm_reversible.utils import package_models  # noqa: F401  used by the test modules
 
+# Under pytest-xdist (`-n 2`, as README's test command runs), each worker and every process it starts computes
+# on one thread: two workers then share the cores instead of waiting for each other's threads.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
+
 # Small configs keep the suite fast; the full-size configs appear only where size is what is tested.
 SMALL = dict(embed_dim=64, depth=2, num_heads=2)
 
