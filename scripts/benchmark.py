@@ -27,9 +27,9 @@ from timm.utils import ParseKwargs
 
 import timm_reversible  # noqa: F401  registers the package's models with timm
 from timm_reversible.benchmarking import (
-    BASELINE, BenchmarkConfig, BenchmarkRow, default_model_specs, find_row, format_number, format_table,
-    machine_info, markdown_table, parse_model_spec, profile_tables, run_benchmark, run_profile, write_profile_report,
-    write_report)
+    BASELINE, BenchmarkConfig, BenchmarkRow, compile_markdown, default_model_specs, find_row, format_number,
+    format_table, machine_info, markdown_table, parse_model_spec, profile_tables, run_benchmark, run_profile,
+    write_profile_report, write_report)
 from timm_reversible.profiling import keep_freed_host_memory
 
 # Figures published by the reference study (CIFAR-10, measured on its laptop GPU, batch 128). They are shown
@@ -145,6 +145,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              'buffer to the system, which makes each step page-fault its activations in again')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='kwargs for every model, e.g. embed_dim=32 num_heads=2 for a quick run')
+    parser.add_argument('--compile', action='store_true',
+                        help="also time each model's training step under torch.compile (in the same loop) and count "
+                             'the graphs and graph-break sites of its training forward')
     parser.add_argument('--profile', action='store_true',
                         help='instead of the benchmark: torch.profiler over one training step per model and depth, '
                              'time by category (residual functions, recomputation, side information, ...)')
@@ -164,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         depths=args.depths, device=args.device, batch_size=args.batch_size,
         memory_batch_sizes=args.memory_batch_sizes, ref_batch=args.ref_batch, repeats=args.repeats,
         warmup=args.warmup, amp=args.amp, mem_budget_gib=args.mem_budget,
-        model_kwargs=args.model_kwargs, check_max_batch=False if args.no_check else None,
+        model_kwargs=args.model_kwargs, check_max_batch=False if args.no_check else None, compile=args.compile,
     ).resolved()
     meta = dict(
         command=shlex.join(['python', 'scripts/benchmark.py'] + argv),
@@ -195,6 +198,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"target {'met ' if check['met'] else 'MISSED'}: {check['target']}: {check['value']:.3f} "
               f"(limit {check['limit']:.3f})")
     sections = {'Reference study': reference_comparison(rows, config.ref_batch)}
+    if config.compile:
+        sections['torch.compile'] = compile_markdown(rows)
+        print(sections['torch.compile'])
     if checks:
         sections['Targets'] = targets_markdown(checks)
     paths = write_report(rows, meta, args.out, sections, extra={'reference_study': REFERENCE_STUDY, 'targets': checks})

@@ -105,9 +105,28 @@ def test_script_profile_on_a_tiny_config(tmp_path):
 
 
 @pytest.mark.slow
+def test_script_compile_counts_graphs_and_times_the_compiled_step(tmp_path):
+    out = tmp_path / 'bench'
+    proc = run_benchmark_script(
+        ['--compile', '--models', 'bdia_vit_small_cifar', '--depths', '1', '--memory-batch-sizes', '1', '2',
+         '--out', str(out)] + TINY + ['--warmup', '1'], tmp_path)  # the warm-up round compiles
+    rows = {r['model']: r for r in json.loads((out / 'results.json').read_text())['rows']}
+    # the plain ViT's training forward is one graph; a reversible one breaks once, around the engine
+    assert (rows['vit_small_cifar']['train_graphs'], rows['vit_small_cifar']['train_graph_break_sites']) == (1, 0)
+    assert (rows['bdia_vit_small_cifar']['train_graphs'], rows['bdia_vit_small_cifar']['train_graph_break_sites']) \
+        == (3, 1)
+    for r in rows.values():
+        assert r['compiled_train_step_ms'] > 0
+        assert r['compiled_vs_eager'] == pytest.approx(r['compiled_train_step_ms'] / r['train_step_ms'], rel=1e-12)
+    assert '| bdia_vit_small_cifar | 1 | 3 | 1 |' in proc.stdout
+    assert '## torch.compile' in (out / 'results.md').read_text()
+
+
+@pytest.mark.slow
 def test_script_help_and_unknown_models(tmp_path):
     text = run_benchmark_script(['--help'], tmp_path).stdout
-    assert all(flag in text for flag in ('--models', '--depths', '--mem-budget', '--amp', '--profile', '--out'))
+    flags = ('--models', '--depths', '--mem-budget', '--amp', '--profile', '--compile', '--out')
+    assert all(flag in text for flag in flags)
     proc = run_benchmark_script(['--models', 'no_such_model', '--out', str(tmp_path)], tmp_path, returncode=1)
     assert "Unknown model 'no_such_model'" in proc.stderr
 

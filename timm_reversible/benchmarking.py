@@ -26,12 +26,13 @@ from .profiling import (
     PROFILE_CATEGORIES, StepProfile, activation_memory_fit, count_flops, count_params, default_optimizer,
     input_bytes_per_image, largest_batch_in_budget, make_train_step_fn, peak_training_memory,
     predicted_peak_training_memory, profile_train_steps, throughput, time_inference, time_train_steps,
-    training_state_bytes)
+    training_graphs, training_state_bytes)
 from .utils import MiB, package_models
 
 __all__ = [
     'BASELINE', 'ModelSpec', 'BenchmarkConfig', 'BenchmarkRow', 'parse_model_spec', 'default_model_specs',
-    'run_benchmark', 'ProfileRow', 'run_profile', 'find_row', 'format_number', 'format_table', 'markdown_table',
+    'run_benchmark', 'ProfileRow', 'run_profile', 'find_row', 'format_number', 'format_table', 'compile_markdown',
+    'markdown_table',
     'markdown_report', 'profile_tables', 'profile_report', 'plot_memory_vs_depth', 'plot_memory_vs_throughput',
     'write_report', 'write_profile_report', 'machine_info',
 ]
@@ -125,6 +126,7 @@ class BenchmarkConfig:
     mem_budget_gib: float = 8.0
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     check_max_batch: Optional[bool] = None  # one real step at the computed batch: default on CUDA
+    compile: bool = False  # also time each model's training step under torch.compile, in the same loop
 
     def resolved(self) -> 'BenchmarkConfig':
         cuda = torch.device(self.device).type == 'cuda'
@@ -169,6 +171,10 @@ class BenchmarkRow:
     max_batch: Optional[int] = None  # largest batch whose training peak fits the budget
     max_batch_checked: bool = False  # confirmed by one real step at that batch
     max_batch_peak_mib: Optional[float] = None
+    train_graphs: Optional[int] = None  # torch.compile: graphs of the training forward (`compile`)
+    train_graph_break_sites: Optional[int] = None
+    compiled_train_step_ms: Optional[float] = None
+    compiled_vs_eager: Optional[float] = None  # compiled train step / eager train step, timed in one loop
     error: Optional[str] = None  # the model could not be measured at all
     timing_error: Optional[str] = None  # the timing loop failed (memory figures still valid)
 
@@ -245,10 +251,18 @@ def _time_depth(
         cfg: BenchmarkConfig,
         on_round=None,
 ) -> None:
-    """ Train-step and inference times of all models at one depth, round-robin in one loop each. """
+    """ Train-step and inference times of all models at one depth, round-robin in one loop each; with
+    `cfg.compile`, each model's compiled training step joins the same loop (the warm-up rounds compile).
+    """
     models = {s.label: s.create(depth, cfg.device, **cfg.model_kwargs) for s in specs}
+    compiled = {}
+    if cfg.compile:
+        for label, model in models.items():
+            rows[label].train_graphs, rows[label].train_graph_break_sites = training_graphs(model)
+        compiled = {label + ' [compiled]': torch.compile(model) for label, model in models.items()}
     train = time_train_steps(
-        models, cfg.batch_size, cfg.repeats, cfg.warmup, autocast_dtype=cfg.autocast_dtype, on_round=on_round)
+        {**models, **compiled}, cfg.batch_size, cfg.repeats, cfg.warmup, autocast_dtype=cfg.autocast_dtype,
+        on_round=on_round)
     infer = time_inference(
         models, cfg.batch_size, cfg.repeats, cfg.warmup, autocast_dtype=cfg.autocast_dtype, on_round=on_round)
     for label in models:
@@ -256,8 +270,11 @@ def _time_depth(
         row.train_step_ms = statistics.median(train[label]) * 1e3
         row.train_img_s = throughput(train[label], cfg.batch_size)
         row.infer_img_s = throughput(infer[label], cfg.batch_size)
+        if compiled:
+            row.compiled_train_step_ms = statistics.median(train[label + ' [compiled]']) * 1e3
+            row.compiled_vs_eager = row.compiled_train_step_ms / row.train_step_ms
     device = next(next(iter(models.values())).parameters()).device
-    del models
+    del models, compiled
     _free(device)
 
 
@@ -411,6 +428,17 @@ def format_table(rows: Sequence[BenchmarkRow], ref_batch: int = 128, budget_gib:
         if line is header:
             lines.append('  '.join('-' * w for w in widths))
     return '\n'.join(lines)
+
+
+def compile_markdown(rows: Sequence[BenchmarkRow]) -> str:
+    """ The torch.compile section of a run with `compile`: graphs and break sites of each model's training forward,
+    and its compiled training step against the eager one. """
+    header = ['model', 'depth', 'graphs (training forward)', 'graph-break sites', 'eager step ms',
+              'compiled step ms', 'compiled x eager']
+    body = [[r.model, str(r.depth), format_number(r.train_graphs), format_number(r.train_graph_break_sites),
+             format_number(r.train_step_ms, 1), format_number(r.compiled_train_step_ms, 1),
+             format_number(r.compiled_vs_eager, 3)] for r in rows if r.compiled_vs_eager is not None]
+    return markdown_table(header, body)
 
 
 def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:

@@ -30,8 +30,9 @@ __all__ = [
     'MemoryFit', 'activation_memory_fit', 'training_state_bytes', 'input_bytes_per_image',
     'predicted_peak_training_memory', 'peak_training_memory', 'max_batch_size', 'largest_batch_in_budget',
     'default_optimizer', 'make_train_step_fn', 'make_inference_fn', 'alternating_timings',
-    'time_train_steps', 'time_inference', 'train_step_time_ratio', 'throughput', 'PROFILE_CATEGORIES',
-    'profile_category', 'StepProfile', 'step_profile_from_events', 'profile_train_steps', 'keep_freed_host_memory',
+    'time_train_steps', 'time_inference', 'training_graphs', 'train_step_time_ratio', 'throughput',
+    'PROFILE_CATEGORIES', 'profile_category', 'StepProfile', 'step_profile_from_events', 'profile_train_steps',
+    'keep_freed_host_memory',
 ]
 
 
@@ -497,6 +498,24 @@ def time_inference(
     """ Seconds per eval-mode, no-grad forward of each model, timed round-robin in one loop. """
     fns = {name: make_inference_fn(model, batch_size, input_size, autocast_dtype) for name, model in models.items()}
     return alternating_timings(fns, repeats, warmup, _device_of(models), on_round)
+
+
+def training_graphs(
+        model: nn.Module, batch_size: int = 2, input_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
+    """ (graphs, graph-break sites) of the model's training forward under torch.compile, by `torch._dynamo.explain`.
+    A break inside a nested call is one site, and every frame it unwinds through resumes in a graph of its own.
+    """
+    import torch._dynamo as dynamo
+
+    images, _ = _batch(model, batch_size, input_size)
+    was_training = model.training
+    dynamo.reset()  # what explain compiled must not stand in for a later torch.compile of the same code
+    try:
+        explanation = dynamo.explain(model.train())(images)
+    finally:
+        dynamo.reset()
+        model.train(was_training)
+    return explanation.graph_count, len(explanation.break_reasons)
 
 
 def train_step_time_ratio(
