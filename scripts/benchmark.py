@@ -4,7 +4,7 @@
     python scripts/benchmark.py                                  # all registered models + grad-ckpt baseline
     python scripts/benchmark.py --device cuda --amp --mem-budget 8
     python scripts/benchmark.py --models vit_small_cifar revvit_small_cifar \\
-        bdia_vit_small_cifar:split_backward=1 --depths 6 12 24
+        bdia_vit_small_cifar:split_backward=True --depths 6 12 24
     python scripts/benchmark.py --models vit_small_cifar --depths 1 2 --model-kwargs embed_dim=32 num_heads=2
     python scripts/benchmark.py --profile --depths 6 --batch-size 32  # where a training step's time goes
 

@@ -85,6 +85,21 @@ def test_both_backward_modes_are_exact(name, split):
     _assert_exact(name, split_backward=split)
 
 
+@pytest.mark.parametrize('value', [1, 0, 'no', 0.])  # None: timm.create_model drops it (the default)
+@pytest.mark.parametrize('flag, names', [
+    ('reversible', REVERSIBLE), ('split_backward', EXACT), ('verify_reconstruction', EXACT)])
+def test_on_off_settings_take_true_or_false_only(flag, names, value):
+    for name in names:
+        with pytest.raises(TypeError, match=f'{flag} must be True or False, got {value!r}'):
+            timm.create_model(name, depth=2, **TINY, **{flag: value})
+        timm.create_model(name, depth=2, **TINY, **{flag: False})  # the two values it takes
+        timm.create_model(name, depth=2, **TINY, **{flag: True})
+    model = timm.create_model(names[0], depth=2, **TINY)
+    with pytest.raises(TypeError, match=f'enable must be True or False, got {value!r}'):
+        model.set_reversible(value)
+    assert model.reversible is True
+
+
 # ---- the run-time reconstruction check ----
 
 def _recompute_differently(model, block: int) -> None:

@@ -4,7 +4,7 @@ blocks chained as invertible steps that run on the reversible engine.
 A subclass says how the token embedding becomes the initial state (`initial_state`), which step
 each block becomes (`make_steps`), and how a state reads out as token features (`state_features`).
 """
-from typing import Iterator, List, Sequence, Tuple
+from typing import Any, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,13 @@ from ..reversible import (
 from .vit_small_cifar import SmallDataVisionTransformer
 
 __all__ = ['ReversibleVisionTransformer', 'QuantizedReversibleVisionTransformer', 'reconstruction_error']
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """ An on / off setting of a reversible model: True or False, nothing that only looks like one ('no', 0). """
+    if not isinstance(value, bool):
+        raise TypeError(f'{name} must be True or False, got {value!r}.')
+    return value
 
 
 class ReversibleVisionTransformer(SmallDataVisionTransformer):
@@ -35,12 +42,12 @@ class ReversibleVisionTransformer(SmallDataVisionTransformer):
             *args, **kwargs: As for SmallDataVisionTransformer.
         """
         super().__init__(*args, **kwargs)
-        self.reversible = reversible
+        self.reversible = check_flag('reversible', reversible)
 
     @torch.jit.ignore
     def set_reversible(self, enable: bool = True) -> None:
         """ Switch between the reversible backward and ordinary autograd (same weights, same function). """
-        self.reversible = enable
+        self.reversible = check_flag('enable', enable)
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -185,9 +192,9 @@ class QuantizedReversibleVisionTransformer(ReversibleVisionTransformer):
             *args, **kwargs: As for ReversibleVisionTransformer.
         """
         super().__init__(*args, **kwargs)
-        self.verify_reconstruction = verify_reconstruction
+        self.verify_reconstruction = check_flag('verify_reconstruction', verify_reconstruction)
         self.quant_level = check_quant_level(quant_level)
-        self.split_backward = split_backward
+        self.split_backward = check_flag('split_backward', split_backward)
         self.range_guard = GridRangeGuard(quant_level, type(self).__name__)
 
     @property

@@ -40,7 +40,8 @@ from timm.models.vision_transformer import Block, VisionTransformer, _cfg, check
 from ..reversible import (
     BDIACoupling, BDIAFirstStep, GridRangeGuard, MomentumCoupling, ReversibleStep, State, Tape, TwoStreamCoupling,
     bdia_side_bits, check_quant_level, momentum_as_fraction, quantize, reconstruct, reversible_forward, stream_dtype)
-from .reversible_vit import check_scripted_inference, momentum_decay, round_to_grid, scripted_stream_dtype
+from .reversible_vit import (
+    check_flag, check_scripted_inference, momentum_decay, round_to_grid, scripted_stream_dtype)
 
 __all__ = [
     'REVERSIBLE_METHODS', 'DEFAULT_QUANT_LEVEL', 'TimmBlockResiduals', 'ReversibleTimmVisionTransformer',
@@ -124,12 +125,6 @@ def _quant_level_remedy(max_abs: float, significand_bits: int) -> str:
             f'instead, lower the learning rate or clip gradients.')
 
 
-def _check_flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f'{name} must be True or False, got {value!r}.')
-    return value
-
-
 def _reversible_settings(method: str, reversible: bool, options: Dict[str, Any]) -> Dict[str, Any]:
     """ The validated attributes of a reversible ViT with `method` and its `options`. """
     if method not in REVERSIBLE_METHODS:
@@ -140,7 +135,7 @@ def _reversible_settings(method: str, reversible: bool, options: Dict[str, Any])
         raise TypeError(
             f'method={method!r} takes no option {", ".join(unknown)}; its options are: '
             f'{", ".join(allowed) or "none"}.')
-    settings = dict(allowed, **options, reversible_method=method, reversible=_check_flag('reversible', reversible))
+    settings = dict(allowed, **options, reversible_method=method, reversible=check_flag('reversible', reversible))
     settings.update(momentum_numerator=0, momentum_bits=0)  # momentum = numerator / 2^bits, read by TorchScript
     if method == 'two_stream':
         return dict(settings, quant_level=None, range_guard=None, split_backward=False, verify_reconstruction=False)
@@ -150,7 +145,7 @@ def _reversible_settings(method: str, reversible: bool, options: Dict[str, Any])
         settings['momentum_numerator'], settings['momentum_bits'] = momentum_as_fraction(settings['momentum'])
     level = check_quant_level(settings['quant_level'])
     for flag in ('split_backward', 'verify_reconstruction'):
-        _check_flag(flag, settings[flag])
+        check_flag(flag, settings[flag])
     guard = GridRangeGuard(level, f'{ReversibleTimmVisionTransformer.__name__} ({method})', _quant_level_remedy)
     return dict(settings, quant_level=level, range_guard=guard)
 
@@ -205,7 +200,7 @@ class ReversibleTimmVisionTransformer(VisionTransformer):
     @torch.jit.ignore
     def set_reversible(self, enable: bool = True) -> None:
         """ Switch between the reversible backward and ordinary autograd (same weights, same function). """
-        self.reversible = _check_flag('enable', enable)
+        self.reversible = check_flag('enable', enable)
 
     @property
     def param_dtype(self) -> torch.dtype:
